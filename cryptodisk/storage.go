@@ -1,0 +1,46 @@
+package cryptodisk
+
+import "context"
+
+// Storage holds one disk image: the LUKS2 header followed by the encrypted
+// data region. Offsets are absolute within the image. Implementations must be
+// safe for concurrent use; concurrent writes to overlapping ranges are never
+// issued by Disk.
+//
+// Errors wrap a syscall.Errno where one applies (EIO, ENOSPC, ...), so the
+// NBD layer can report the right code.
+type Storage interface {
+	// ReadAt fills all of p from off. Unallocated ranges read as zeros.
+	// Reading past Size is an error.
+	ReadAt(ctx context.Context, p []byte, off int64) error
+	// WriteAt writes all of p at off. It is durable only after Sync.
+	WriteAt(ctx context.Context, p []byte, off int64) error
+	// Punch deallocates the range where the store can; afterwards it reads
+	// as zeros either way.
+	Punch(ctx context.Context, off, length int64) error
+	// Allocated reports allocation from off onward: fn is called with
+	// consecutive runs until it returns false or length bytes are covered. A
+	// store that cannot tell reports everything allocated.
+	Allocated(ctx context.Context, off, length int64, fn func(length int64, allocated bool) bool) error
+	// Sync makes every completed WriteAt and Punch durable.
+	Sync(ctx context.Context) error
+	// Size is the image size in bytes.
+	Size() int64
+	// Grow extends the image to size bytes; the new range reads as zeros.
+	Grow(ctx context.Context, size int64) error
+	// Close releases the store. It does not sync.
+	Close() error
+}
+
+// KeyWrapper wraps a disk's keyslot secret under a key provider's current key.
+// aad binds the result to one disk: unwrapping with other aad must fail where
+// the provider's algorithm allows it.
+type KeyWrapper interface {
+	Wrap(ctx context.Context, secret, aad []byte) (kid, alg string, wrapped []byte, err error)
+}
+
+// KeyUnwrapper recovers a keyslot secret. kid is the full, versioned key
+// identifier stored in the disk's token.
+type KeyUnwrapper interface {
+	Unwrap(ctx context.Context, kid, alg string, wrapped, aad []byte) ([]byte, error)
+}
