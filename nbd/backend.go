@@ -18,6 +18,8 @@ type Backend interface {
 	// sends a success reply before ReadAt has returned nil.
 	ReadAt(ctx context.Context, p []byte, off int64) error
 	// WriteAt writes all of p at off. It need not be durable until Flush.
+	// It may use p as scratch space (encrypting in place, say): the caller
+	// must not rely on p's contents after the call.
 	WriteAt(ctx context.Context, p []byte, off int64) error
 	// Flush makes every write that returned before Flush was called durable,
 	// whichever connection it came from.
