@@ -310,15 +310,15 @@ func (c *conn) validate(r *request) uint32 {
 	inRange := r.off <= uint64(c.size) && uint64(r.length) <= uint64(c.size)-r.off
 	switch r.cmd {
 	case cmdRead, cmdCache:
-		if !inRange {
-			return nbdEINVAL
-		}
-		if r.cmd == cmdRead && r.length > MaxPayload {
+		if !inRange || (r.cmd == cmdRead && r.length > MaxPayload) {
 			return nbdEINVAL
 		}
 	case cmdWrite, cmdTrim, cmdWriteZeroes:
 		if c.exp.ReadOnly {
 			return nbdEPERM
+		}
+		if r.cmd == cmdWrite && r.length > MaxPayload {
+			return nbdEINVAL
 		}
 		if !inRange {
 			if r.cmd == cmdWrite {

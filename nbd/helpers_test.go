@@ -391,3 +391,7 @@ func (c *client) expectClosed() {
 		c.t.Fatalf("connection not closed by server")
 	}
 }
+
+func netListenUnix(t testing.TB) (net.Listener, error) {
+	return net.Listen("unix", filepath.Join(shortTempDir(t), "s"))
+}
