@@ -1,0 +1,351 @@
+package cryptodisk
+
+import (
+	"context"
+	"fmt"
+	"syscall"
+)
+
+// ReadAt decrypts len(p) bytes from off into p. Sectors whose ciphertext is
+// all zeros read as zeros (see the package doc).
+func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := d.checkRange(off, int64(len(p)), syscall.EINVAL); err != nil {
+		return err
+	}
+	c, err := d.enter(ctx)
+	if err != nil {
+		return err
+	}
+	defer d.gmu.RUnlock()
+	ss := d.sectorSize
+	end := off + int64(len(p))
+	// Head and tail sectors only partly wanted go through a bounce buffer;
+	// the aligned body is read and decrypted in place in p.
+	for off < end {
+		sector := off / ss
+		inner := off % ss
+		if inner != 0 || end-off < ss {
+			n := min(ss-inner, end-off)
+			bp := d.bufs.Get().(*[]byte)
+			buf := (*bp)[:ss]
+			err := d.readSectors(ctx, c, buf, sector)
+			if err == nil {
+				copy(p[:n], buf[inner:])
+			}
+			d.bufs.Put(bp)
+			if err != nil {
+				return err
+			}
+			p, off = p[n:], off+n
+			continue
+		}
+		n := (end - off) / ss * ss
+		if err := d.readSectors(ctx, c, p[:n], sector); err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
+	}
+	return nil
+}
+
+// readSectors reads whole sectors starting at sector and decrypts them in
+// place, leaving all-zero ciphertext sectors as zeros.
+func (d *Disk) readSectors(ctx context.Context, c SectorCipher, buf []byte, sector int64) error {
+	if err := d.store.ReadAt(ctx, buf, d.dataOff+sector*d.sectorSize); err != nil {
+		return fmt.Errorf("cryptodisk: read sector %d: %w", sector, err)
+	}
+	ss := int(d.sectorSize)
+	// Decrypt runs of written sectors in one call each, so the cipher sees
+	// long inputs it can pipeline.
+	runStart := -1
+	for i := 0; i <= len(buf); i += ss {
+		written := i < len(buf) && !allZero(buf[i:i+ss])
+		if written && runStart < 0 {
+			runStart = i
+		}
+		if !written && runStart >= 0 {
+			first := uint64(sector+int64(runStart/ss)) * d.tweakStep
+			c.DecryptSectors(buf[runStart:i], buf[runStart:i], ss, first, d.tweakStep)
+			runStart = -1
+		}
+	}
+	return nil
+}
+
+// WriteAt encrypts p in place and writes it at off.
+func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
+	if err := d.checkRange(off, int64(len(p)), syscall.ENOSPC); err != nil {
+		return err
+	}
+	c, err := d.enter(ctx)
+	if err != nil {
+		return err
+	}
+	defer d.gmu.RUnlock()
+	return d.write(ctx, c, p, off, false)
+}
+
+// write stores plaintext p (or zeros, if zeros is set, with p ignored) at
+// off. Whole sectors are encrypted before any lock is taken; partial head
+// and tail sectors are read, patched and rewritten under an exclusive
+// stripe lock, whole ones under a shared one (see lockRange).
+func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, zeros bool) error {
+	ss := d.sectorSize
+	end := off + int64(len(p))
+	first, last := off/ss, (end-1)/ss
+	headPartial := off%ss != 0
+	tailPartial := end%ss != 0
+	bodyStart := (off + ss - 1) / ss * ss
+	bodyEnd := end / ss * ss
+	var body []byte
+	if bodyEnd > bodyStart {
+		body = p[bodyStart-off : bodyEnd-off]
+		c.EncryptSectors(body, body, int(ss), uint64(bodyStart/ss)*d.tweakStep, d.tweakStep)
+	}
+	unlock := d.lockRange(first, last, headPartial, tailPartial)
+	defer unlock()
+	if headPartial {
+		n := min(ss-off%ss, end-off)
+		if err := d.patchSector(ctx, c, first, off%ss, p[:n]); err != nil {
+			return err
+		}
+	}
+	if tailPartial && (last != first || !headPartial) {
+		n := end % ss
+		if err := d.patchSector(ctx, c, last, 0, p[len(p)-int(n):]); err != nil {
+			return err
+		}
+	}
+	if body != nil {
+		if err := d.store.WriteAt(ctx, body, d.dataOff+bodyStart); err != nil {
+			return fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
+		}
+	}
+	return nil
+}
+
+// patchSector is the read-modify-write of one partial sector. The caller
+// holds the sector's stripe exclusively.
+func (d *Disk) patchSector(ctx context.Context, c SectorCipher, sector, inner int64, data []byte) error {
+	bp := d.bufs.Get().(*[]byte)
+	defer d.bufs.Put(bp)
+	buf := (*bp)[:d.sectorSize]
+	if err := d.readSectors(ctx, c, buf, sector); err != nil {
+		return err
+	}
+	if data == nil {
+		clear(buf[inner:])
+	} else {
+		copy(buf[inner:], data)
+	}
+	c.EncryptSectors(buf, buf, int(d.sectorSize), uint64(sector)*d.tweakStep, d.tweakStep)
+	if err := d.store.WriteAt(ctx, buf, d.dataOff+sector*d.sectorSize); err != nil {
+		return fmt.Errorf("cryptodisk: write sector %d: %w", sector, err)
+	}
+	return nil
+}
+
+// lockRange locks the stripes of sectors first..last: exclusively for a
+// partial head or tail sector (its read-modify-write must not interleave
+// with any other write to that sector, or bytes outside either write would
+// be lost), shared for whole sectors. Stripes are taken in index order, so
+// two writers cannot deadlock.
+func (d *Disk) lockRange(first, last int64, headPartial, tailPartial bool) (unlock func()) {
+	var mode [nStripes]uint8 // 0 none, 1 shared, 2 exclusive
+	if last-first+1 >= nStripes {
+		for i := range mode {
+			mode[i] = 1
+		}
+	} else {
+		for s := first; s <= last; s++ {
+			mode[s%nStripes] = 1
+		}
+	}
+	if headPartial {
+		mode[first%nStripes] = 2
+	}
+	if tailPartial {
+		mode[last%nStripes] = 2
+	}
+	for i := range mode {
+		switch mode[i] {
+		case 1:
+			d.stripes[i].RLock()
+		case 2:
+			d.stripes[i].Lock()
+		}
+	}
+	return func() {
+		for i := range mode {
+			switch mode[i] {
+			case 1:
+				d.stripes[i].RUnlock()
+			case 2:
+				d.stripes[i].Unlock()
+			}
+		}
+	}
+}
+
+// Flush makes every completed write durable. It does not need the key, so
+// it is answered even while the disk is suspended.
+func (d *Disk) Flush(ctx context.Context) error {
+	d.gmu.RLock()
+	defer d.gmu.RUnlock()
+	if d.state == StateClosed {
+		return fmt.Errorf("%w: %w", ErrClosed, syscall.ESHUTDOWN)
+	}
+	if err := d.store.Sync(ctx); err != nil {
+		return fmt.Errorf("cryptodisk: flush: %w", err)
+	}
+	return nil
+}
+
+// Trim releases the range; it reads back as zeros.
+func (d *Disk) Trim(ctx context.Context, off, length int64) error {
+	return d.Zero(ctx, off, length, false, false)
+}
+
+// Zero makes the range read as zeros. Whole sectors become holes unless
+// noHole, in which case encrypted zeros are written; partial sectors at the
+// edges are zeroed by read-modify-write. With fast and noHole it returns
+// ENOTSUP, since writing encrypted zeros is no faster than a WRITE.
+func (d *Disk) Zero(ctx context.Context, off, length int64, noHole, fast bool) error {
+	if err := d.checkRange(off, length, syscall.ENOSPC); err != nil {
+		return err
+	}
+	if fast && noHole {
+		return fmt.Errorf("cryptodisk: zeroing without holes is not fast: %w", syscall.ENOTSUP)
+	}
+	if length == 0 {
+		return nil
+	}
+	c, err := d.enter(ctx)
+	if err != nil {
+		return err
+	}
+	defer d.gmu.RUnlock()
+	ss := d.sectorSize
+	end := off + length
+	bodyStart := (off + ss - 1) / ss * ss
+	bodyEnd := end / ss * ss
+	if bodyEnd <= bodyStart { // within one or two partial sectors
+		return d.zeroPartial(ctx, c, off, end)
+	}
+	if off < bodyStart {
+		if err := d.zeroPartial(ctx, c, off, bodyStart); err != nil {
+			return err
+		}
+	}
+	if end > bodyEnd {
+		if err := d.zeroPartial(ctx, c, bodyEnd, end); err != nil {
+			return err
+		}
+	}
+	if noHole {
+		return d.writeZeros(ctx, c, bodyStart, bodyEnd)
+	}
+	unlock := d.lockRange(bodyStart/ss, bodyEnd/ss-1, false, false)
+	defer unlock()
+	if err := d.store.Punch(ctx, d.dataOff+bodyStart, bodyEnd-bodyStart); err != nil {
+		return fmt.Errorf("cryptodisk: zero at %d: %w", bodyStart, err)
+	}
+	return nil
+}
+
+// zeroPartial zeroes [off, end), which lies within at most two sectors
+// that are not wholly covered.
+func (d *Disk) zeroPartial(ctx context.Context, c SectorCipher, off, end int64) error {
+	ss := d.sectorSize
+	for off < end {
+		sector := off / ss
+		n := min(ss-off%ss, end-off)
+		unlock := d.lockRange(sector, sector, true, true)
+		var err error
+		if n == ss {
+			err = d.writeZeros(ctx, c, off, off+n)
+		} else {
+			err = d.patchZero(ctx, c, sector, off%ss, n)
+		}
+		unlock()
+		if err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
+}
+
+func (d *Disk) patchZero(ctx context.Context, c SectorCipher, sector, inner, n int64) error {
+	bp := d.bufs.Get().(*[]byte)
+	defer d.bufs.Put(bp)
+	zero := (*bp)[d.sectorSize : d.sectorSize+n]
+	clear(zero)
+	return d.patchSector(ctx, c, sector, inner, zero)
+}
+
+// writeZeros writes encrypted zeros over whole sectors [start, end).
+func (d *Disk) writeZeros(ctx context.Context, c SectorCipher, start, end int64) error {
+	bp := d.bufs.Get().(*[]byte)
+	defer d.bufs.Put(bp)
+	ss := d.sectorSize
+	for start < end {
+		n := min(int64(len(*bp)), end-start)
+		buf := (*bp)[:n]
+		clear(buf)
+		c.EncryptSectors(buf, buf, int(ss), uint64(start/ss)*d.tweakStep, d.tweakStep)
+		if err := d.store.WriteAt(ctx, buf, d.dataOff+start); err != nil {
+			return fmt.Errorf("cryptodisk: zero at %d: %w", start, err)
+		}
+		start += n
+	}
+	return nil
+}
+
+// Cache is accepted and ignored: reads are served from the page cache of
+// the store anyway, and decrypting ahead would only spend CPU.
+func (d *Disk) Cache(ctx context.Context, off, length int64) error {
+	return d.checkRange(off, length, syscall.EINVAL)
+}
+
+// Extents reports holes in the store as holes of the disk.
+func (d *Disk) Extents(ctx context.Context, off, length int64, fn func(length int64, hole bool) bool) error {
+	if err := d.checkRange(off, length, syscall.EINVAL); err != nil {
+		return err
+	}
+	err := d.store.Allocated(ctx, d.dataOff+off, length, func(n int64, allocated bool) bool {
+		return fn(n, !allocated)
+	})
+	if err != nil {
+		return fmt.Errorf("cryptodisk: extents: %w", err)
+	}
+	return nil
+}
+
+func (d *Disk) checkRange(off, length int64, errno syscall.Errno) error {
+	if off < 0 || length < 0 || off+length > d.size.Load() || off+length < off {
+		return fmt.Errorf("cryptodisk: [%d,+%d) is outside the %d-byte disk: %w", off, length, d.size.Load(), errno)
+	}
+	return nil
+}
+
+// allZero reports whether b is all zero bytes, eight at a time.
+func allZero(b []byte) bool {
+	for len(b) >= 64 {
+		var acc uint64
+		for i := 0; i < 64; i += 8 {
+			acc |= uint64(b[i]) | uint64(b[i+1])<<8 | uint64(b[i+2])<<16 | uint64(b[i+3])<<24 |
+				uint64(b[i+4])<<32 | uint64(b[i+5])<<40 | uint64(b[i+6])<<48 | uint64(b[i+7])<<56
+		}
+		if acc != 0 {
+			return false
+		}
+		b = b[64:]
+	}
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
+}
