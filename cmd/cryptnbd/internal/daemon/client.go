@@ -1,0 +1,165 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"time"
+)
+
+// Client calls the management API. Safe for concurrent use.
+type Client struct {
+	hc *http.Client
+}
+
+// NewClient talks to the daemon listening on the Unix socket at sockPath.
+func NewClient(sockPath string) *Client {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sockPath)
+		},
+	}
+	return &Client{hc: &http.Client{Transport: tr, Timeout: 10 * time.Minute}}
+}
+
+// NewLocalClient calls h in-process: the CLI uses it when no daemon runs,
+// so every command has one code path whether or not disks are being served.
+func NewLocalClient(h http.Handler) *Client {
+	return &Client{hc: &http.Client{Transport: handlerTransport{h}}}
+}
+
+type handlerTransport struct{ h http.Handler }
+
+func (t handlerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	rec := &recorder{header: http.Header{}, status: http.StatusOK}
+	t.h.ServeHTTP(rec, r)
+	return &http.Response{
+		StatusCode: rec.status, Status: http.StatusText(rec.status), Header: rec.header,
+		Body: io.NopCloser(&rec.body), Request: r, ProtoMajor: 1, ProtoMinor: 1,
+	}, nil
+}
+
+type recorder struct {
+	header http.Header
+	status int
+	body   bytes.Buffer
+	wrote  bool
+}
+
+func (r *recorder) Header() http.Header { return r.header }
+func (r *recorder) Write(p []byte) (int, error) {
+	r.wrote = true
+	return r.body.Write(p)
+}
+func (r *recorder) WriteHeader(s int) {
+	if !r.wrote {
+		r.status, r.wrote = s, true
+	}
+}
+
+// StatusError is a non-2xx answer from the API.
+type StatusError struct {
+	Status  int
+	Message string
+}
+
+func (e *StatusError) Error() string { return e.Message }
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://cryptnbd"+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("cannot reach the daemon: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		var ae apiError
+		raw, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		if json.Unmarshal(raw, &ae) != nil || ae.Error == "" {
+			ae.Error = fmt.Sprintf("daemon answered %s", resp.Status)
+		}
+		return &StatusError{Status: resp.StatusCode, Message: ae.Error}
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("daemon reply: %w", err)
+	}
+	return nil
+}
+
+// ListDisks returns every disk.
+func (c *Client) ListDisks(ctx context.Context) ([]DiskInfo, error) {
+	var out []DiskInfo
+	return out, c.do(ctx, http.MethodGet, "/v1/disks", nil, &out)
+}
+
+// CreateDisk creates a disk.
+func (c *Client) CreateDisk(ctx context.Context, r CreateRequest) (DiskInfo, error) {
+	var out DiskInfo
+	return out, c.do(ctx, http.MethodPost, "/v1/disks", r, &out)
+}
+
+// ShowDisk returns one disk.
+func (c *Client) ShowDisk(ctx context.Context, name string) (DiskInfo, error) {
+	var out DiskInfo
+	return out, c.do(ctx, http.MethodGet, "/v1/disks/"+url.PathEscape(name), nil, &out)
+}
+
+// DeleteDisk deletes a disk.
+func (c *Client) DeleteDisk(ctx context.Context, name string, force bool) error {
+	return c.do(ctx, http.MethodDelete, fmt.Sprintf("/v1/disks/%s?force=%t", url.PathEscape(name), force), nil, nil)
+}
+
+// ResizeDisk grows a disk.
+func (c *Client) ResizeDisk(ctx context.Context, name string, size int64) (DiskInfo, error) {
+	var out DiskInfo
+	return out, c.do(ctx, http.MethodPost, "/v1/disks/"+url.PathEscape(name)+"/resize", ResizeRequest{SizeBytes: size}, &out)
+}
+
+// RecoverySecret fetches a disk's keyslot secret, base64.
+func (c *Client) RecoverySecret(ctx context.Context, name string) (string, error) {
+	var out RecoverySecretResponse
+	return out.Secret, c.do(ctx, http.MethodPost, "/v1/disks/"+url.PathEscape(name)+"/recovery-secret", nil, &out)
+}
+
+// Audit reads audit events.
+func (c *Client) Audit(ctx context.Context, disk string, since time.Time) ([]AuditEvent, error) {
+	q := url.Values{}
+	if disk != "" {
+		q.Set("disk", disk)
+	}
+	if !since.IsZero() {
+		q.Set("since", since.UTC().Format(time.RFC3339))
+	}
+	var out []AuditEvent
+	return out, c.do(ctx, http.MethodGet, "/v1/audit?"+q.Encode(), nil, &out)
+}
+
+// IsNotRunning reports whether err means no daemon answers on the socket.
+func IsNotRunning(err error) bool {
+	var ne *net.OpError
+	return errors.As(err, &ne)
+}

@@ -1,0 +1,475 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cryptnbd/cryptnbd/cryptodisk"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/filestore"
+	"github.com/cryptnbd/cryptnbd/keys"
+	"github.com/cryptnbd/cryptnbd/nbd"
+)
+
+// Encryption types, named as Azure names them.
+const (
+	EncryptionPlatformKey = "EncryptionAtRestWithPlatformKey"
+	EncryptionCustomerKey = "EncryptionAtRestWithCustomerKey"
+)
+
+const (
+	diskDir     = "disks"
+	diskExt     = ".luks"
+	creatingExt = ".creating"
+	// maxBlock is the NBD payload cap advertised to clients.
+	maxBlock = 32 << 20
+)
+
+var (
+	// ErrNotFound: no disk of that name.
+	ErrNotFound = errors.New("disk not found")
+	// ErrExists: a disk of that name exists already.
+	ErrExists = errors.New("disk already exists")
+	// ErrInUse: the disk has live connections.
+	ErrInUse = errors.New("disk has live connections")
+	// ErrInvalid: the request is malformed.
+	ErrInvalid = errors.New("invalid request")
+)
+
+// Config is what a Manager needs.
+type Config struct {
+	DataDir string
+	Logger  *slog.Logger
+	// Providers by name; "platform" must be present.
+	Providers map[string]keys.Provider
+	Audit     *Audit
+	Disk      cryptodisk.Options
+	// PBKDFIterations for new disks' keyslots (tests lower it).
+	PBKDFIterations int
+}
+
+// Manager owns the disks in a data directory. Safe for concurrent use.
+type Manager struct {
+	cfg Config
+	log *slog.Logger
+
+	mu    sync.Mutex
+	disks map[string]*entry
+}
+
+type entry struct {
+	name  string
+	path  string
+	disk  *cryptodisk.Disk
+	conns atomic.Int64
+	// openErr is why the disk could not be opened at start (for example its
+	// key is revoked); such a disk is listed but not served.
+	openErr error
+	info    *cryptodisk.Info
+}
+
+// DiskInfo is a disk as the API and `disk show -o json` present it.
+type DiskInfo struct {
+	Name           string            `json:"name"`
+	SizeBytes      int64             `json:"sizeBytes"`
+	SectorSize     int               `json:"sectorSize"`
+	EncryptionType string            `json:"encryptionType"`
+	KeyProvider    string            `json:"keyProvider"`
+	KeyID          string            `json:"keyId"`
+	State          string            `json:"state"`
+	StateReason    string            `json:"stateReason,omitempty"`
+	Path           string            `json:"path"`
+	ExportName     string            `json:"exportName"`
+	UUID           string            `json:"uuid"`
+	Connections    int64             `json:"connections"`
+	Cipher         string            `json:"cipher"`
+	Properties     map[string]string `json:"properties,omitempty"`
+}
+
+// CreateRequest is the body of a disk creation.
+type CreateRequest struct {
+	Name           string `json:"name"`
+	SizeBytes      int64  `json:"sizeBytes"`
+	SectorSize     int    `json:"sectorSize,omitempty"`
+	EncryptionType string `json:"encryptionType,omitempty"`
+}
+
+// NewManager opens every disk in cfg.DataDir. A disk that cannot be opened
+// (its key unavailable, say) is kept in the list with its error rather than
+// stopping the daemon.
+func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Providers[keys.PlatformName] == nil {
+		return nil, errors.New("daemon: no platform key provider")
+	}
+	m := &Manager{cfg: cfg, log: cfg.Logger, disks: map[string]*entry{}}
+	dir := filepath.Join(cfg.DataDir, diskDir)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("daemon: %w", err)
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("daemon: %w", err)
+	}
+	for _, de := range ents {
+		n := de.Name()
+		if strings.HasSuffix(n, creatingExt) {
+			// A creation that never finished: nobody was told it exists.
+			os.Remove(filepath.Join(dir, n))
+			continue
+		}
+		name, ok := strings.CutSuffix(n, diskExt)
+		if !ok || ValidateName(name) != nil {
+			continue
+		}
+		e := &entry{name: name, path: filepath.Join(dir, n)}
+		e.disk, e.info, e.openErr = m.openDisk(ctx, name, e.path)
+		if e.openErr != nil {
+			m.log.Error("disk not opened", "disk", name, "err", e.openErr)
+		} else {
+			m.log.Info("disk opened", "disk", name, "sizeBytes", e.disk.Size(), "kid", e.info.Token.KeyID)
+		}
+		m.disks[name] = e
+	}
+	return m, nil
+}
+
+func (m *Manager) openDisk(ctx context.Context, name, path string) (*cryptodisk.Disk, *cryptodisk.Info, error) {
+	store, err := filestore.Open(path, false)
+	if err != nil {
+		return nil, nil, err
+	}
+	info, err := cryptodisk.Inspect(ctx, store)
+	if err != nil {
+		store.Close()
+		return nil, nil, err
+	}
+	p, err := m.provider(info.Token.Provider)
+	if err != nil {
+		store.Close()
+		return nil, info, err
+	}
+	start := time.Now()
+	d, err := cryptodisk.Open(ctx, store, p, m.diskOptions(name))
+	m.cfg.Audit.timed("unwrap", name, info.Token.KeyID, p.Name(), start, err)
+	if err != nil {
+		store.Close()
+		return nil, info, err
+	}
+	return d, info, nil
+}
+
+func (m *Manager) diskOptions(name string) cryptodisk.Options {
+	o := m.cfg.Disk
+	o.Logger = m.log.With("disk", name)
+	return o
+}
+
+func (m *Manager) provider(name string) (keys.Provider, error) {
+	p := m.cfg.Providers[name]
+	if p == nil {
+		return nil, fmt.Errorf("daemon: disk uses key provider %q, which this daemon is not configured for", name)
+	}
+	return p, nil
+}
+
+// Create makes a new disk. It is written under a temporary name and renamed
+// into place, so a crash never leaves a half-made disk visible.
+func (m *Manager) Create(ctx context.Context, r CreateRequest) (DiskInfo, error) {
+	if err := ValidateName(r.Name); err != nil {
+		return DiskInfo{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	if r.EncryptionType == "" {
+		r.EncryptionType = EncryptionPlatformKey
+	}
+	if r.EncryptionType != EncryptionPlatformKey {
+		return DiskInfo{}, fmt.Errorf("%w: encryption type %q: only %s is available here", ErrInvalid, r.EncryptionType, EncryptionPlatformKey)
+	}
+	if r.SectorSize == 0 {
+		r.SectorSize = 4096
+	}
+	if r.SectorSize != 512 && r.SectorSize != 4096 {
+		return DiskInfo{}, fmt.Errorf("%w: sector size %d: use 4096 or 512", ErrInvalid, r.SectorSize)
+	}
+	if r.SizeBytes <= 0 || r.SizeBytes%int64(r.SectorSize) != 0 {
+		return DiskInfo{}, fmt.Errorf("%w: size %d bytes: must be a positive multiple of the %d-byte sector", ErrInvalid, r.SizeBytes, r.SectorSize)
+	}
+	m.mu.Lock()
+	if _, ok := m.disks[r.Name]; ok {
+		m.mu.Unlock()
+		return DiskInfo{}, fmt.Errorf("%w: %s", ErrExists, r.Name)
+	}
+	// Reserve the name while the (slow) creation runs without the lock.
+	e := &entry{name: r.Name, path: filepath.Join(m.cfg.DataDir, diskDir, r.Name+diskExt), openErr: errors.New("being created")}
+	m.disks[r.Name] = e
+	m.mu.Unlock()
+
+	d, err := m.create(ctx, r, e.path)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err != nil {
+		delete(m.disks, r.Name)
+		return DiskInfo{}, err
+	}
+	e.disk, e.openErr = d, nil
+	tok := d.Token()
+	e.info = &cryptodisk.Info{UUID: d.UUID(), SectorSize: d.SectorSize(), Token: tok}
+	m.log.Info("disk created", "disk", r.Name, "sizeBytes", r.SizeBytes, "kid", tok.KeyID)
+	return m.infoLocked(e), nil
+}
+
+func (m *Manager) create(ctx context.Context, r CreateRequest, path string) (*cryptodisk.Disk, error) {
+	p, err := m.provider(keys.PlatformName)
+	if err != nil {
+		return nil, err
+	}
+	tmp := path + creatingExt
+	store, err := filestore.Create(tmp, 0)
+	if err != nil {
+		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+	}
+	start := time.Now()
+	d, err := cryptodisk.Create(ctx, store, p, cryptodisk.CreateOptions{
+		SizeBytes: r.SizeBytes, SectorSize: r.SectorSize, Provider: p.Name(), Label: r.Name,
+		Properties:      map[string]string{"name": r.Name, "encryptionType": r.EncryptionType},
+		PBKDFIterations: m.cfg.PBKDFIterations,
+	}, m.diskOptions(r.Name))
+	kid := ""
+	if d != nil {
+		kid = d.Token().KeyID
+	}
+	m.cfg.Audit.timed("wrap", r.Name, kid, p.Name(), start, err)
+	if err != nil {
+		store.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		d.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		d.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+	}
+	return d, nil
+}
+
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+// List returns every disk, sorted by name.
+func (m *Manager) List() []DiskInfo {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]DiskInfo, 0, len(m.disks))
+	for _, e := range m.disks {
+		out = append(out, m.infoLocked(e))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Show returns one disk.
+func (m *Manager) Show(name string) (DiskInfo, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e, ok := m.disks[name]
+	if !ok {
+		return DiskInfo{}, fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	return m.infoLocked(e), nil
+}
+
+func (m *Manager) infoLocked(e *entry) DiskInfo {
+	di := DiskInfo{Name: e.name, Path: e.path, ExportName: e.name, Connections: e.conns.Load(), Cipher: "aes-xts-plain64"}
+	if e.info != nil {
+		tok := e.info.Token
+		di.KeyProvider, di.KeyID, di.UUID, di.SectorSize = tok.Provider, tok.KeyID, e.info.UUID, e.info.SectorSize
+		di.EncryptionType = tok.Properties["encryptionType"]
+		di.Properties = tok.Properties
+		di.SizeBytes = e.info.SizeBytes
+	}
+	if e.disk == nil {
+		di.State = "Unavailable"
+		if e.openErr != nil {
+			di.StateReason = e.openErr.Error()
+		}
+		return di
+	}
+	tok := e.disk.Token()
+	di.KeyProvider, di.KeyID = tok.Provider, tok.KeyID
+	di.SizeBytes = e.disk.Size()
+	st, reason, _ := e.disk.State()
+	di.State, di.StateReason = string(st), reason
+	return di
+}
+
+// Delete removes a disk. With live connections it is refused unless force,
+// which closes the disk under them (their I/O then fails with ESHUTDOWN).
+func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
+	m.mu.Lock()
+	e, ok := m.disks[name]
+	if !ok {
+		m.mu.Unlock()
+		return fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	if n := e.conns.Load(); n > 0 && !force {
+		m.mu.Unlock()
+		return fmt.Errorf("%w: %s has %d; disconnect them or use --force", ErrInUse, name, n)
+	}
+	delete(m.disks, name)
+	m.mu.Unlock()
+	if e.disk != nil {
+		e.disk.Close()
+	}
+	if err := shred(ctx, e.path); err != nil {
+		return fmt.Errorf("daemon: delete %s: %w", name, err)
+	}
+	m.cfg.Audit.Record(AuditEvent{Event: "delete", Disk: name})
+	m.log.Info("disk deleted", "disk", name)
+	return nil
+}
+
+// Resize grows a disk online.
+func (m *Manager) Resize(ctx context.Context, name string, size int64) (DiskInfo, error) {
+	e, err := m.open(name)
+	if err != nil {
+		return DiskInfo{}, err
+	}
+	if err := e.disk.Grow(ctx, size); err != nil {
+		return DiskInfo{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	m.log.Info("disk resized", "disk", name, "sizeBytes", size)
+	return m.Show(name)
+}
+
+func (m *Manager) open(name string) (*entry, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e, ok := m.disks[name]
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	if e.disk == nil {
+		return nil, fmt.Errorf("daemon: disk %s is unavailable: %w", name, e.openErr)
+	}
+	return e, nil
+}
+
+// RecoverySecret unwraps a disk's keyslot secret through its provider, for
+// an administrator's `cryptsetup open --key-file`. It is audited.
+func (m *Manager) RecoverySecret(ctx context.Context, name string) ([]byte, error) {
+	e, err := m.open(name)
+	if err != nil {
+		return nil, err
+	}
+	tok := e.disk.Token()
+	p, err := m.provider(tok.Provider)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	sec, err := e.disk.RecoverySecret(ctx, p)
+	m.cfg.Audit.timed("recovery-secret", name, tok.KeyID, p.Name(), start, err)
+	if err != nil {
+		return nil, err
+	}
+	return sec, nil
+}
+
+// Close flushes and closes every disk.
+func (m *Manager) Close(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var errs []error
+	for _, e := range m.disks {
+		if e.disk == nil {
+			continue
+		}
+		if err := e.disk.Flush(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("flush %s: %w", e.name, err))
+		}
+		if err := e.disk.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close %s: %w", e.name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Export implements nbd.Catalog: export name = disk name.
+func (m *Manager) Export(_ context.Context, name string) (*nbd.Export, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e, ok := m.disks[name]
+	if !ok || e.disk == nil {
+		return nil, fmt.Errorf("%w: %q", nbd.ErrUnknownExport, name)
+	}
+	e.conns.Add(1)
+	var once sync.Once
+	return &nbd.Export{
+		ExportInfo: m.exportInfoLocked(e),
+		Backend:    e.disk,
+		Release:    func() { once.Do(func() { e.conns.Add(-1) }) },
+	}, nil
+}
+
+// Exports implements nbd.Catalog for NBD_OPT_LIST.
+func (m *Manager) Exports(context.Context) ([]nbd.ExportInfo, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]nbd.ExportInfo, 0, len(m.disks))
+	for _, e := range m.disks {
+		if e.disk != nil {
+			out = append(out, m.exportInfoLocked(e))
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+func (m *Manager) exportInfoLocked(e *entry) nbd.ExportInfo {
+	di := m.infoLocked(e)
+	desc := fmt.Sprintf("%s, %s, XTS-AES-256 with %d-byte sectors, %s",
+		humanBytes(di.SizeBytes), di.EncryptionType, di.SectorSize, di.State)
+	if di.StateReason != "" {
+		desc += " (" + di.StateReason + ")"
+	}
+	return nbd.ExportInfo{
+		Name: e.name, Description: desc,
+		// Sub-sector I/O works by read-modify-write, but 512 keeps clients
+		// from issuing byte-granular requests that are all overhead.
+		MinBlock: 512, PreferredBlock: uint32(di.SectorSize), MaxBlock: maxBlock,
+	}
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for v := n / unit; v >= unit; v /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,267 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/cryptnbd/cryptnbd/cryptodisk"
+	"github.com/cryptnbd/cryptnbd/keys"
+	"github.com/cryptnbd/cryptnbd/nbd"
+)
+
+// ServeConfig is the daemon's configuration, from flags and CRYPTNBD_* env.
+type ServeConfig struct {
+	DataDir       string
+	Listen        string // TCP address for NBD; empty disables
+	Unix          string // Unix socket path for NBD; empty disables
+	MetricsListen string // empty disables
+	DemoDisk      string // created at start if missing; empty for none
+	DemoSize      int64
+	SuspendHold   time.Duration
+	Logger        *slog.Logger
+	// Ready is called once every listener is up, with the addresses bound.
+	Ready func(Addrs)
+	// PBKDFIterations for new disks (tests lower it); 0 means the default.
+	PBKDFIterations int
+}
+
+// Addrs are the bound addresses, for callers that asked for port 0.
+type Addrs struct {
+	NBD     string
+	Unix    string
+	Metrics string
+	API     string
+}
+
+// State is an open data directory: its lock, keys, audit log and disks.
+type State struct {
+	DataDir  string
+	Manager  *Manager
+	Audit    *Audit
+	Platform *keys.Platform
+	lock     *os.File
+}
+
+// OpenState locks dataDir for this process and opens everything in it. A
+// second daemon, or a CLI working offline, on the same directory gets a
+// clear error instead of corrupting state.
+func OpenState(ctx context.Context, dataDir string, log *slog.Logger, disk cryptodisk.Options, pbkdfIter int) (*State, error) {
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dataDir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("data dir %s is in use by another cryptnbd process: %w", dataDir, ErrLocked)
+	}
+	st := &State{DataDir: dataDir, lock: lock}
+	if st.Platform, err = keys.OpenPlatform(dataDir); err != nil {
+		st.Close(ctx)
+		return nil, err
+	}
+	if st.Audit, err = OpenAudit(filepath.Join(dataDir, "audit.log"), log); err != nil {
+		st.Close(ctx)
+		return nil, err
+	}
+	st.Manager, err = NewManager(ctx, Config{
+		DataDir: dataDir, Logger: log, Audit: st.Audit, Disk: disk, PBKDFIterations: pbkdfIter,
+		Providers: map[string]keys.Provider{keys.PlatformName: st.Platform},
+	})
+	if err != nil {
+		st.Close(ctx)
+		return nil, err
+	}
+	return st, nil
+}
+
+// ErrLocked means another process holds the data directory.
+var ErrLocked = errors.New("data directory locked")
+
+// AuditPath is where the audit log lives.
+func (s *State) AuditPath() string { return filepath.Join(s.DataDir, "audit.log") }
+
+// Close flushes and closes the disks, wipes keys and releases the lock.
+func (s *State) Close(ctx context.Context) error {
+	var errs []error
+	if s.Manager != nil {
+		errs = append(errs, s.Manager.Close(ctx))
+	}
+	if s.Platform != nil {
+		s.Platform.Close()
+	}
+	if s.Audit != nil {
+		errs = append(errs, s.Audit.Close())
+	}
+	s.lock.Close()
+	return errors.Join(errs...)
+}
+
+// APISocket is the management socket's path in dataDir.
+func APISocket(dataDir string) string { return filepath.Join(dataDir, "api.sock") }
+
+// Run serves until ctx is done, then shuts down gracefully: listeners
+// close, requests in flight finish (or get ESHUTDOWN), disks are flushed.
+func Run(ctx context.Context, cfg ServeConfig) (err error) {
+	log := cfg.Logger
+	st, err := OpenState(ctx, cfg.DataDir, log, cryptodisk.Options{SuspendHold: cfg.SuspendHold}, cfg.PBKDFIterations)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if cerr := st.Close(cctx); cerr != nil && err == nil {
+			err = cerr
+		}
+	}()
+	if cfg.DemoDisk != "" {
+		if _, err := st.Manager.Show(cfg.DemoDisk); errors.Is(err, ErrNotFound) {
+			if _, err := st.Manager.Create(ctx, CreateRequest{Name: cfg.DemoDisk, SizeBytes: cfg.DemoSize}); err != nil {
+				return fmt.Errorf("demo disk: %w", err)
+			}
+		}
+	}
+
+	var addrs Addrs
+	var listeners []net.Listener
+	defer func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}()
+	listen := func(network, addr string) (net.Listener, error) {
+		if network == "unix" {
+			os.Remove(addr) // a stale socket from a crash
+		}
+		l, err := net.Listen(network, addr)
+		if err != nil {
+			return nil, fmt.Errorf("listen %s %s: %w", network, addr, err)
+		}
+		listeners = append(listeners, l)
+		return l, nil
+	}
+	var nbdLs []net.Listener
+	if cfg.Listen != "" {
+		l, err := listen("tcp", cfg.Listen)
+		if err != nil {
+			return err
+		}
+		nbdLs = append(nbdLs, l)
+		addrs.NBD = l.Addr().String()
+	}
+	if cfg.Unix != "" {
+		l, err := listen("unix", cfg.Unix)
+		if err != nil {
+			return err
+		}
+		nbdLs = append(nbdLs, l)
+		addrs.Unix = cfg.Unix
+	}
+	if len(nbdLs) == 0 {
+		return errors.New("nothing to serve on: give --listen or --unix")
+	}
+	apiPath := APISocket(cfg.DataDir)
+	apiL, err := listen("unix", apiPath)
+	if err != nil {
+		return err
+	}
+	if err := os.Chmod(apiPath, 0o600); err != nil {
+		return fmt.Errorf("api socket: %w", err)
+	}
+	addrs.API = apiPath
+	defer os.Remove(apiPath)
+
+	var metricsL net.Listener
+	if cfg.MetricsListen != "" {
+		if metricsL, err = listen("tcp", cfg.MetricsListen); err != nil {
+			return err
+		}
+		addrs.Metrics = metricsL.Addr().String()
+	}
+
+	srv := nbd.NewServer(st.Manager, nbd.Options{Logger: log})
+	apiSrv := &http.Server{Handler: NewAPI(st.Manager, st.AuditPath()), ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	var metricsSrv *http.Server
+	if metricsL != nil {
+		metricsSrv = &http.Server{Handler: metricsHandler(st.Manager), ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	}
+
+	errc := make(chan error, len(nbdLs)+2)
+	var wg sync.WaitGroup
+	for _, l := range nbdLs {
+		wg.Go(func() {
+			if err := srv.Serve(ctx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+				errc <- fmt.Errorf("nbd: %w", err)
+			}
+		})
+	}
+	wg.Go(func() {
+		if err := apiSrv.Serve(apiL); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("api: %w", err)
+		}
+	})
+	if metricsSrv != nil {
+		wg.Go(func() {
+			if err := metricsSrv.Serve(metricsL); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("metrics: %w", err)
+			}
+		})
+	}
+	log.Info("serving", "nbd", addrs.NBD, "unix", addrs.Unix, "metrics", addrs.Metrics, "api", addrs.API, "disks", len(st.Manager.List()))
+	if cfg.Ready != nil {
+		cfg.Ready(addrs)
+	}
+
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		log.Error("listener failed, shutting down", "err", err)
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 20*time.Second)
+	defer cancel()
+	if serr := srv.Shutdown(sctx); serr != nil {
+		log.Warn("nbd shutdown", "err", serr)
+	}
+	apiSrv.Shutdown(sctx)
+	if metricsSrv != nil {
+		metricsSrv.Shutdown(sctx)
+	}
+	wg.Wait()
+	return err
+}
+
+// metricsHandler serves /metrics, /healthz and /readyz.
+func metricsHandler(m *Manager) http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		for _, d := range m.List() {
+			if d.State != string(cryptodisk.StateActive) && d.State != string(cryptodisk.StateSuspended) {
+				http.Error(w, fmt.Sprintf("disk %s is %s: %s", d.Name, d.State, d.StateReason), http.StatusServiceUnavailable)
+				return
+			}
+		}
+		w.Write([]byte("ready\n"))
+	})
+	return mux
+}

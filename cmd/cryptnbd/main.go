@@ -1,0 +1,79 @@
+// Command cryptnbd serves encrypted virtual disks over NBD and manages them.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+const usage = `cryptnbd serves encrypted virtual disks over NBD.
+
+Usage:
+  cryptnbd serve [flags]                      run the daemon
+  cryptnbd disk create NAME --size 30G [flags] create an encrypted disk
+  cryptnbd disk list                          list disks
+  cryptnbd disk show NAME                     show one disk
+  cryptnbd disk delete NAME [--force]         crypto-shred and remove a disk
+  cryptnbd disk resize NAME --size S          grow a disk, online
+  cryptnbd disk recovery-secret NAME --out F  write the LUKS2 keyslot secret for cryptsetup
+  cryptnbd audit [--disk NAME] [--since T]    read the key-use audit log
+  cryptnbd version
+
+Every command takes --help. Every flag has a CRYPTNBD_* environment
+equivalent: --data-dir is CRYPTNBD_DATA_DIR, --metrics-listen is
+CRYPTNBD_METRICS_LISTEN, and so on.
+`
+
+// exitUsage is the exit status for bad arguments, as for flag.ExitOnError.
+const exitUsage = 2
+
+// usageError marks an error in the command line rather than in the work.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func usagef(format string, a ...any) error { return usageError{fmt.Sprintf(format, a...)} }
+
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:])
+	stop()
+	if err == nil || errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	fmt.Fprintln(os.Stderr, "cryptnbd:", err)
+	var ue usageError
+	if errors.As(err, &ue) {
+		os.Exit(exitUsage)
+	}
+	os.Exit(1)
+}
+
+func run(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		return usagef("no command given")
+	}
+	switch args[0] {
+	case "serve":
+		return cmdServe(ctx, args[1:])
+	case "disk":
+		return cmdDisk(ctx, args[1:])
+	case "audit":
+		return cmdAudit(ctx, args[1:])
+	case "version", "--version":
+		fmt.Println("cryptnbd", version)
+		return nil
+	case "help", "-h", "--help":
+		fmt.Print(usage)
+		return nil
+	}
+	return usagef("unknown command %q; run cryptnbd --help", args[0])
+}

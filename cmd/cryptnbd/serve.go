@@ -1,0 +1,86 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/cryptnbd/cryptnbd/cmd/cryptnbd/internal/daemon"
+	"github.com/cryptnbd/cryptnbd/cryptodisk"
+)
+
+func cmdServe(ctx context.Context, args []string) error {
+	fs := newFlags("serve", "serve [flags]")
+	dataDir := dataDirFlag(fs)
+	listen := fs.String("listen", "127.0.0.1:10809", "TCP address for NBD (empty to disable)")
+	unixPath := fs.String("unix", "", "Unix socket path for NBD (empty to disable)")
+	metrics := fs.String("metrics-listen", "127.0.0.1:9090", "address for /metrics, /healthz and /readyz (empty to disable)")
+	demo := fs.String("demo-disk", "", "create this disk at start if it does not exist (make run uses \"demo\")")
+	demoSize := fs.String("demo-size", "1G", "size of the demo disk")
+	hold := fs.Duration("suspend-hold", cryptodisk.DefaultSuspendHold, "how long I/O to a suspended disk is held before it fails with EIO; keep it below the client's request timeout (Linux nbd: 30s)")
+	level := fs.String("log-level", "info", "debug, info, warn or error")
+	format := fs.String("log-format", "auto", "auto (text on a terminal, JSON otherwise), text or json")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("serve takes no arguments, got %q", pos)
+	}
+	size, err := daemon.ParseSize(*demoSize)
+	if err != nil {
+		return usagef("--demo-size: %v", err)
+	}
+	if *demo != "" {
+		if err := daemon.ValidateName(*demo); err != nil {
+			return usagef("--demo-disk: %v", err)
+		}
+	}
+	if *hold <= 0 {
+		return usagef("--suspend-hold must be positive")
+	}
+	log, err := newLogger(*level, *format)
+	if err != nil {
+		return err
+	}
+	return daemon.Run(ctx, daemon.ServeConfig{
+		DataDir: *dataDir, Listen: *listen, Unix: *unixPath, MetricsListen: *metrics,
+		DemoDisk: *demo, DemoSize: size, SuspendHold: *hold, Logger: log,
+		Ready: func(a daemon.Addrs) { printAttach(ctx, a, *dataDir) },
+	})
+}
+
+// printAttach tells a new user how to reach the disks just served.
+func printAttach(ctx context.Context, a daemon.Addrs, dataDir string) {
+	c := daemon.NewClient(a.API)
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	disks, _ := c.ListDisks(cctx)
+	name := "DISK"
+	if len(disks) > 0 {
+		name = disks[0].Name
+	}
+	w := os.Stdout
+	fmt.Fprintf(w, "cryptnbd is serving %d disk(s) from %s\n", len(disks), dataDir)
+	for _, d := range disks {
+		fmt.Fprintf(w, "  %-20s %s  %s\n", d.Name, humanSize(d.SizeBytes), d.State)
+	}
+	if a.NBD != "" {
+		uri := fmt.Sprintf("nbd://%s/%s", a.NBD, name)
+		host, port := splitHostPort(a.NBD)
+		fmt.Fprintf(w, "\nAttach it:\n")
+		fmt.Fprintf(w, "  nbdinfo %s\n", uri)
+		fmt.Fprintf(w, "  sudo modprobe nbd && sudo nbd-client %s %s /dev/nbd0 -N %s -b 4096\n", host, port, name)
+		fmt.Fprintf(w, "  qemu-system-x86_64 ... -drive file=%s,format=raw,if=virtio\n", uri)
+		fmt.Fprintf(w, "  mkdir -p /tmp/%s && nbdfuse /tmp/%s/disk %s &\n", name, name, uri)
+		fmt.Fprintf(w, "  fio --ioengine=nbd --uri=%s --rw=randrw --bs=4k --iodepth=32 --name=t --output=/dev/null\n", uri)
+	}
+	if a.Unix != "" {
+		fmt.Fprintf(w, "  nbdinfo 'nbd+unix:///%s?socket=%s'\n", name, a.Unix)
+	}
+	if a.Metrics != "" {
+		fmt.Fprintf(w, "Metrics: http://%s/metrics\n", a.Metrics)
+	}
+	fmt.Fprintf(w, "Manage disks: cryptnbd disk list --data-dir %s\n", dataDir)
+}
