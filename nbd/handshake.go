@@ -83,6 +83,7 @@ func (h *handshake) option() (done bool, err error) {
 	}
 	opt := binary.BigEndian.Uint32(hdr[8:])
 	n := binary.BigEndian.Uint32(hdr[12:])
+	c.log.Debug("nbd: option", "opt", opt, "len", n)
 	if n > maxOptionBytes {
 		if opt == optExportName {
 			return false, errors.New("nbd: export name too long")

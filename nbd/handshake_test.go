@@ -138,7 +138,7 @@ func TestHandshakeUnknownOption(t *testing.T) {
 	e := newEnv(t, nbd.Options{})
 	c := e.dial(t)
 	c.hello(3)
-	for _, opt := range []uint32{99, 5 /* STARTTLS */, 12 /* EXTENDED_HEADERS */} {
+	for _, opt := range []uint32{99, 5 /* STARTTLS */, 11 /* EXTENDED_HEADERS */} {
 		c.sendOpt(opt, []byte("some data"))
 		if r := c.readOptReply(); r.typ != repErrUnsup || r.opt != opt {
 			t.Errorf("option %d: reply %#x for %d, want ERR_UNSUP", opt, r.typ, r.opt)

@@ -33,8 +33,8 @@ const (
 	optInfo       = 6
 	optGo         = 7
 	optStructured = 8
-	optListMeta   = 10
-	optSetMeta    = 11
+	optListMeta   = 9
+	optSetMeta    = 10
 
 	repAck        = 1
 	repServer     = 2

@@ -35,8 +35,8 @@ const (
 	optInfo            = 6
 	optGo              = 7
 	optStructuredReply = 8
-	optListMetaContext = 10
-	optSetMetaContext  = 11
+	optListMetaContext = 9
+	optSetMetaContext  = 10
 )
 
 // Option reply types.
