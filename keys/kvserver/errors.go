@@ -8,10 +8,10 @@ import (
 
 // kvError is a Key Vault error response.
 type kvError struct {
-	status     int
-	code       string // outer error.code
-	inner      string // error.innererror.code; empty for none
-	msg        string
+	status       int
+	code         string // outer error.code
+	inner        string // error.innererror.code; empty for none
+	msg          string
 	retryAfter   int // seconds, for 429: Retry-After
 	retryAfterMS int // for 429: x-ms-retry-after-ms, which azcore prefers
 }
