@@ -1,5 +1,7 @@
 package cryptodisk
 
+import "github.com/cryptnbd/cryptnbd/cryptodisk/xts"
+
 // SectorCipher encrypts whole encryption sectors with XTS. Unit i of a call
 // uses tweak firstTweak+i*tweakStep (plain64, little-endian). dst and src may
 // be the same slice. Implementations must be safe for concurrent use until
@@ -14,5 +16,12 @@ type SectorCipher interface {
 // factory must not keep key: the caller zeroes it afterwards.
 type CipherFactory func(key []byte) (SectorCipher, error)
 
-// DefaultCipher is the sector cipher disks use unless told otherwise.
-var DefaultCipher CipherFactory = NewReferenceCipher
+// DefaultCipher is the sector cipher disks use unless told otherwise: the
+// AES-NI/VAES kernel, whose key schedule Zero really wipes.
+func DefaultCipher(key []byte) (SectorCipher, error) {
+	c, err := xts.New(key)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
