@@ -1,0 +1,68 @@
+// Package nbd is a Network Block Device server (protocol: doc/proto.md in
+// the NetworkBlockDevice/nbd repository). It knows nothing of what it
+// serves: a Catalog names the exports and each export is a Backend.
+//
+// # Protocol
+//
+// Only fixed newstyle negotiation is offered, with NBD_FLAG_NO_ZEROES.
+// Unknown client flags close the connection. Options: EXPORT_NAME, ABORT,
+// LIST (name and description of every export), INFO and GO (INFO_EXPORT,
+// INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE; block sizes are always
+// sent), STRUCTURED_REPLY, and LIST_META_CONTEXT / SET_META_CONTEXT for
+// the one context, base:allocation. Any other option gets ERR_UNSUP and
+// negotiation continues; an unknown export gets ERR_UNKNOWN, or a closed
+// connection after EXPORT_NAME. The whole negotiation runs under
+// Options.HandshakeTimeout. TLS and extended headers are not supported.
+//
+// Commands: READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO),
+// CACHE, BLOCK_STATUS and DISC. FUA is accepted on every command and is
+// implemented as the operation followed by Backend.Flush. Every export
+// advertises HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_CACHE and
+// CAN_MULTI_CONN (Backend.Flush covers writes from every connection);
+// writable exports add SEND_TRIM, SEND_WRITE_ZEROES and SEND_FAST_ZERO,
+// read-only ones READ_ONLY; SEND_DF is added once structured replies are
+// negotiated. With structured replies a READ is answered by one
+// OFFSET_DATA chunk (or an error chunk), BLOCK_STATUS by one BLOCK_STATUS
+// chunk, and other errors by an ERROR chunk; success for other commands
+// is a simple reply.
+//
+// # Errors
+//
+// A bad request is answered with an error and the connection carries on:
+// EINVAL for an unknown command or flag, a READ or WRITE over MaxPayload,
+// or a READ, TRIM, WRITE_ZEROES, CACHE or BLOCK_STATUS past the end;
+// ENOSPC for a WRITE past the end; EPERM for WRITE, TRIM or WRITE_ZEROES
+// on a read-only export; ESHUTDOWN during Shutdown. A rejected WRITE's
+// payload is read and discarded, up to 2*MaxPayload; a larger one closes
+// the connection. Backend errors are mapped through one table from the
+// wrapped syscall.Errno (EPERM/EROFS, EIO, ENOMEM, EINVAL,
+// ENOSPC/EDQUOT/EFBIG, EOVERFLOW, ENOTSUP, ESHUTDOWN; anything else is
+// EIO) and the real error is logged at debug level. The connection is
+// closed on a bad request magic, EOF inside a request, a socket write
+// error, or a panic (recovered and logged with its stack; other
+// connections are unaffected).
+//
+// # Concurrency
+//
+// Each connection runs one reader goroutine, Options.Workers worker
+// goroutines and one writer goroutine. The reader validates a request,
+// reads a WRITE payload into a pooled buffer (power-of-two classes from
+// 4 KiB to MaxPayload, sync.Pool of *[]byte), and queues it; at most
+// Options.MaxInflightRequests requests and Options.MaxInflightBytes
+// payload bytes are in flight per connection, and the reader stops
+// reading while either is full. Workers call the Backend with the
+// connection's context, which is cancelled when the connection is closed
+// or the server force-closed. A READ's data is complete before its reply
+// is queued, so no success header is ever followed by a failure. The
+// writer owns the socket's bufio.Writer, sends replies in completion
+// order (not request order) and flushes whenever its queue is empty. In
+// steady state the request path does not allocate.
+//
+// # Shutdown
+//
+// Server.Shutdown closes the listeners, closes connections that are still
+// negotiating or idle, answers new requests with ESHUTDOWN, waits for
+// in-flight requests and closes each connection as it drains; when its
+// context ends first it force-closes the rest. Server.Close force-closes
+// at once. Serve then returns ErrServerClosed.
+package nbd
