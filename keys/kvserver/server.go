@@ -174,7 +174,6 @@ func (s *Server) setAddr(addr net.Addr) error {
 	}
 	u := "https://" + net.JoinHostPort(host, port)
 	s.mu.Lock()
-	s.url = u
 	admin := s.st.Principals[s.st.AdminObjectID]
 	cfg := AdminConfig{
 		VaultURL:         u,
@@ -187,7 +186,14 @@ func (s *Server) setAddr(addr net.Addr) error {
 		Resource:         Resource,
 	}
 	s.mu.Unlock()
-	return cfg.write(filepath.Join(s.opts.DataDir, adminFile))
+	// admin.json exists before URL reports the server as listening.
+	if err := cfg.write(filepath.Join(s.opts.DataDir, adminFile)); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.url = u
+	s.mu.Unlock()
+	return nil
 }
 
 // URL is the vault URL, https://host:port, or "" before Listen or Serve.
