@@ -66,6 +66,8 @@ func run(ctx context.Context, args []string) error {
 		return cmdServe(ctx, args[1:])
 	case "disk":
 		return cmdDisk(ctx, args[1:])
+	case "keyvault":
+		return cmdKeyVault(ctx, args[1:])
 	case "audit":
 		return cmdAudit(ctx, args[1:])
 	case "version", "--version":
