@@ -69,8 +69,8 @@ func (c *scriptConn) Close() error {
 	return c.Conn.Close()
 }
 
-func (c *scriptConn) Read(p []byte) (int, error)        { return c.r.Read(p) }
-func (c *scriptConn) Write(p []byte) (int, error)       { return len(p), nil }
+func (c *scriptConn) Read(p []byte) (int, error)       { return c.r.Read(p) }
+func (c *scriptConn) Write(p []byte) (int, error)      { return len(p), nil }
 func (c *scriptConn) SetDeadline(time.Time) error      { return nil }
 func (c *scriptConn) SetReadDeadline(time.Time) error  { return nil }
 func (c *scriptConn) SetWriteDeadline(time.Time) error { return nil }

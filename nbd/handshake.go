@@ -13,8 +13,8 @@ import (
 const maxOptionBytes = 64 << 10
 
 var (
-	errAbort            = errors.New("nbd: client sent NBD_OPT_ABORT")
-	errUnknownClientFlg = errors.New("nbd: unknown client flags")
+	errAbort              = errors.New("nbd: client sent NBD_OPT_ABORT")
+	errUnknownClientFlags = errors.New("nbd: unknown client flags")
 )
 
 // handshake runs fixed newstyle negotiation under the handshake deadline.
@@ -38,7 +38,7 @@ func (c *conn) handshake() error {
 	}
 	cflags := binary.BigEndian.Uint32(b[:4])
 	if cflags&^(clientFlagFixedNewstyle|clientFlagNoZeroes) != 0 {
-		return errUnknownClientFlg
+		return errUnknownClientFlags
 	}
 	h := &handshake{c: c, noZeroes: cflags&clientFlagNoZeroes != 0}
 	for {

@@ -307,7 +307,7 @@ func TestHandshakeCloses(t *testing.T) {
 }
 
 func TestHandshakeTimeout(t *testing.T) {
-	e := newEnv(t, nbd.Options{HandshakeTimeout: 100 * time.Millisecond})
+	e := newEnv(t, nbd.Options{HandshakeTimeout: 500 * time.Millisecond})
 	c := e.dial(t)
 	c.hello(3) // and then say nothing
 	start := time.Now()
@@ -317,7 +317,7 @@ func TestHandshakeTimeout(t *testing.T) {
 	}
 	// A connection that completes the handshake is not affected later.
 	c2 := e.open(t, "disk", false)
-	time.Sleep(200 * time.Millisecond)
+	time.Sleep(700 * time.Millisecond)
 	if _, errno := c2.readData(0, 512); errno != 0 {
 		t.Errorf("read after handshake: errno %d", errno)
 	}

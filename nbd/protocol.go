@@ -41,16 +41,16 @@ const (
 
 // Option reply types.
 const (
-	repAck          = 1
-	repServer       = 2
-	repInfo         = 3
-	repMetaContext  = 4
-	repErrUnsup     = 1<<31 + 1
-	repErrPolicy    = 1<<31 + 2
-	repErrInvalid   = 1<<31 + 3
-	repErrUnknown   = 1<<31 + 6
-	repErrShutdown  = 1<<31 + 7
-	repErrTooBig    = 1<<31 + 9
+	repAck         = 1
+	repServer      = 2
+	repInfo        = 3
+	repMetaContext = 4
+	repErrUnsup    = 1<<31 + 1
+	repErrPolicy   = 1<<31 + 2
+	repErrInvalid  = 1<<31 + 3
+	repErrUnknown  = 1<<31 + 6
+	repErrShutdown = 1<<31 + 7
+	repErrTooBig   = 1<<31 + 9
 )
 
 // Info types for NBD_REP_INFO.
