@@ -111,6 +111,8 @@ func (s *Server) route(r *http.Request, p *Principal) (int, any, *kvError) {
 			return s.update(r, p, name, "")
 		case http.MethodDelete:
 			return s.delete(r, p, name)
+		case http.MethodPut:
+			return 0, nil, notImplemented(m, r.URL.Path) // import
 		}
 		return 0, nil, notAllowed
 	case 1:

@@ -405,7 +405,10 @@ func TestVault(t *testing.T) {
 			return err
 		}, vaultError{403, "Forbidden", "AccessDenied"}},
 		{"policy lacks list", nil,
-			func() error { _, err := desClient.NewListKeyPropertiesVersionsPager("disk-kek", nil).NextPage(ctx); return err },
+			func() error {
+				_, err := desClient.NewListKeyPropertiesVersionsPager("disk-kek", nil).NextPage(ctx)
+				return err
+			},
 			vaultError{403, "Forbidden", "AccessDenied"}},
 	}
 	for _, tc := range errCases {

@@ -58,6 +58,7 @@ type Server struct {
 	tenantID string
 	caPEM    []byte
 	httpSrv  *http.Server
+	clock    func() time.Time // time.Now; tests may replace it before serving
 
 	mu           sync.Mutex
 	st           *state
@@ -136,7 +137,7 @@ func New(o Options) (*Server, error) {
 	}
 	s := &Server{
 		opts: o, log: o.Logger, secrets: sec, sealer: sl, tenantID: st.TenantID, caPEM: caPEM,
-		st: st, priv: map[string]*rsa.PrivateKey{},
+		st: st, priv: map[string]*rsa.PrivateKey{}, clock: time.Now,
 	}
 	s.httpSrv = &http.Server{
 		Handler:           s,
@@ -147,7 +148,7 @@ func New(o Options) (*Server, error) {
 	return s, nil
 }
 
-func (s *Server) now() time.Time { return time.Now() }
+func (s *Server) now() time.Time { return s.clock() }
 
 // Listen binds Options.Listen, records the vault URL and writes
 // DIR/admin.json for local clients. Pass the listener to Serve.
