@@ -32,7 +32,7 @@ var (
 // SetToken, RemoveToken and Write modify it and need exclusive access; the
 // caller also serialises Writes to one device (there is no on-disk lock).
 type Header struct {
-	bin   binHeader       // fields of the binary header; bin.salt is unused
+	bin   binHeader        // fields of the binary header; bin.salt is unused
 	salts [2][saltLen]byte // per-copy salts, primary then secondary
 	md    *metadata
 

@@ -345,7 +345,8 @@ func TestSetTokenErrors(t *testing.T) {
 // checks that Read always returns the last committed header or the one
 // being written.
 func TestWriteCrash(t *testing.T) {
-	base, h0 := formatMem(t, luks2.FormatOptions{})
+	// A 1 MiB data offset keeps the image, cloned for every cut, small.
+	base, h0 := formatMem(t, luks2.FormatOptions{DataOffset: mib})
 	seq0 := h0.SeqID()
 	cuts := []int{0, 1, 100, 511, 512, 4095, 4096, 8000, 16383, 16384, 16385, 20480, 32767, 32768}
 
@@ -417,7 +418,7 @@ func TestWriteCrash(t *testing.T) {
 
 // TestReadDamaged damages one copy and checks Read uses the other.
 func TestReadDamaged(t *testing.T) {
-	base, h0 := formatMem(t, luks2.FormatOptions{Label: "damaged"})
+	base, h0 := formatMem(t, luks2.FormatOptions{Label: "damaged", DataOffset: mib})
 	for _, c := range []struct {
 		name    string
 		damage  func(b []byte)
@@ -471,7 +472,7 @@ func TestReadDamaged(t *testing.T) {
 // TestReadMalformed feeds headers with well-formed checksums but bad
 // content to Read.
 func TestReadMalformed(t *testing.T) {
-	base, _ := formatMem(t, luks2.FormatOptions{})
+	base, _ := formatMem(t, luks2.FormatOptions{DataOffset: mib})
 	del := func(path ...string) func(m map[string]any) {
 		return func(m map[string]any) {
 			obj := jsonPath(m, path[:len(path)-1]...).(map[string]any)
@@ -516,6 +517,16 @@ func TestReadMalformed(t *testing.T) {
 		{name: "keyslot area past keyslots", mutate: set("16777216", "keyslots", "0", "area", "offset"), wantErr: luks2.ErrCorrupt},
 		{name: "keyslot without kdf", mutate: del("keyslots", "0", "kdf"), wantErr: luks2.ErrCorrupt},
 		{name: "pbkdf2 extra field", mutate: set(1, "keyslots", "0", "kdf", "time"), wantErr: luks2.ErrCorrupt},
+		{name: "key name case", mutate: func(m map[string]any) {
+			ks := jsonPath(m, "keyslots", "0").(map[string]any)
+			ks["Key_Size"] = ks["key_size"]
+			delete(ks, "key_size")
+		}, wantErr: luks2.ErrCorrupt},
+		{name: "nested key name case", mutate: func(m map[string]any) {
+			a := jsonPath(m, "keyslots", "0", "area").(map[string]any)
+			a["Offset"] = a["offset"]
+			delete(a, "offset")
+		}, wantErr: luks2.ErrCorrupt},
 		{name: "key_size negative", mutate: set(-1, "keyslots", "0", "key_size"), wantErr: luks2.ErrCorrupt},
 		{name: "digest to missing keyslot", mutate: set([]any{"5"}, "digests", "0", "keyslots"), wantErr: luks2.ErrCorrupt},
 		{name: "digest to missing segment", mutate: set([]any{"1"}, "digests", "0", "segments"), wantErr: luks2.ErrCorrupt},

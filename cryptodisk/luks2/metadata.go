@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"reflect"
 	"slices"
 	"strconv"
+	"strings"
 )
 
 // Limits taken from cryptsetup (lib/luks2/luks2.h).
@@ -38,10 +40,11 @@ type keyslot struct {
 	Type     string          `json:"type"`
 	KeySize  *int64          `json:"key_size"`
 	Priority *int64          `json:"priority"`
-	Area     *keyslotArea    `json:"area"`
+	AreaRaw  json.RawMessage `json:"area"`
 	AF       json.RawMessage `json:"af"`
 	KDF      json.RawMessage `json:"kdf"`
 
+	Area                 *keyslotArea `json:"-"` // decoded from AreaRaw
 	areaOffset, areaSize uint64
 }
 
@@ -163,9 +166,25 @@ func numberedObjects(top map[string]json.RawMessage, name string) (map[int]json.
 	return out, nil
 }
 
+// strictUnmarshal decodes the JSON object raw into the struct *v. Unlike
+// json.Unmarshal it refuses keys that match a field name only when case is
+// ignored: cryptsetup matches names exactly.
 func strictUnmarshal(raw json.RawMessage, v any) error {
-	if _, err := object(raw); err != nil {
+	m, err := object(raw)
+	if err != nil {
 		return err
+	}
+	t := reflect.TypeOf(v).Elem()
+	for i := 0; i < t.NumField(); i++ {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		if name == "" || name == "-" {
+			continue
+		}
+		for k := range m {
+			if k != name && strings.EqualFold(k, name) {
+				return fmt.Errorf("key %q instead of %q", k, name)
+			}
+		}
 	}
 	return json.Unmarshal(raw, v)
 }
@@ -288,7 +307,7 @@ func (md *metadata) validate(hdrSize int64) error {
 	md.keyslots = make(map[int]*keyslot, len(rawKeyslots))
 	for id, raw := range rawKeyslots {
 		ks := new(keyslot)
-		if err := json.Unmarshal(raw, ks); err != nil {
+		if err := strictUnmarshal(raw, ks); err != nil {
 			return fmt.Errorf("keyslot %d: %w", id, err)
 		}
 		if err := ks.validate(); err != nil {
@@ -321,7 +340,7 @@ func (md *metadata) validate(hdrSize int64) error {
 	md.segments = make(map[int]*segment, len(rawSegments))
 	for id, raw := range rawSegments {
 		s := new(segment)
-		if err := json.Unmarshal(raw, s); err != nil {
+		if err := strictUnmarshal(raw, s); err != nil {
 			return fmt.Errorf("segment %d: %w", id, err)
 		}
 		if err := s.validate(); err != nil {
@@ -337,7 +356,7 @@ func (md *metadata) validate(hdrSize int64) error {
 	md.digests = make(map[int]*digest, len(rawDigests))
 	for id, raw := range rawDigests {
 		d := new(digest)
-		if err := json.Unmarshal(raw, d); err != nil {
+		if err := strictUnmarshal(raw, d); err != nil {
 			return fmt.Errorf("digest %d: %w", id, err)
 		}
 		if d.Type == "" || d.Keyslots == nil || d.Segments == nil {
@@ -404,8 +423,12 @@ func (ks *keyslot) validate() error {
 	if ks.Priority != nil && (*ks.Priority < 0 || *ks.Priority > 2) {
 		return fmt.Errorf("bad priority %d", *ks.Priority)
 	}
-	if ks.Area == nil || ks.Area.Type == "" {
-		return errors.New("missing area")
+	ks.Area = new(keyslotArea)
+	if err := strictUnmarshal(ks.AreaRaw, ks.Area); err != nil {
+		return fmt.Errorf("area: %w", err)
+	}
+	if ks.Area.Type == "" {
+		return errors.New("area: missing type")
 	}
 	var err error
 	if ks.areaOffset, err = parseNumber(ks.Area.Offset); err != nil {
@@ -436,7 +459,7 @@ func (ks *keyslot) validate() error {
 		return fmt.Errorf("kdf: %w", err)
 	}
 	var kdf keyslotKDF
-	if err := json.Unmarshal(ks.KDF, &kdf); err != nil {
+	if err := strictUnmarshal(ks.KDF, &kdf); err != nil {
 		return fmt.Errorf("kdf: %w", err)
 	}
 	switch kdf.Type {
