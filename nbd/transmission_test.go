@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -568,5 +569,39 @@ func TestServeContextCancel(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Serve did not return after cancel")
+	}
+}
+
+// flakyListener fails Accept a few times before handing out connections.
+type flakyListener struct {
+	net.Listener
+	fails atomic.Int32
+}
+
+func (l *flakyListener) Accept() (net.Conn, error) {
+	if l.fails.Add(-1) >= 0 {
+		return nil, errors.New("accept: too many open files")
+	}
+	return l.Listener.Accept()
+}
+
+func TestServeRetriesAcceptErrors(t *testing.T) {
+	e := newEnv(t, nbd.Options{})
+	inner, err := netListenUnix(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fl := &flakyListener{Listener: inner}
+	fl.fails.Store(3)
+	go e.srv.Serve(context.Background(), fl)
+	e2 := &env{sock: inner.Addr().String()}
+	c := e2.dial(t)
+	c.hello(3)
+	c.goExport("disk")
+	if _, errno := c.readData(0, 512); errno != 0 {
+		t.Errorf("read after accept errors: errno %d", errno)
+	}
+	if n := fl.fails.Load(); n >= 0 {
+		t.Errorf("accept errors not all seen: %d left", n)
 	}
 }
