@@ -53,7 +53,9 @@
 // reading while either is full. Workers call the Backend with the
 // connection's context, which is cancelled when the connection is closed
 // or the server force-closed. A READ's data is complete before its reply
-// is queued, so no success header is ever followed by a failure. The
+// is queued, so no success header is ever followed by a failure. A WRITE
+// payload is never read after Backend.WriteAt has been called, so a
+// backend may use it as scratch space. The
 // writer owns the socket's bufio.Writer, sends replies in completion
 // order (not request order) and flushes whenever its queue is empty. In
 // steady state the request path does not allocate.

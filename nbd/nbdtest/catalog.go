@@ -13,11 +13,10 @@ import (
 // and releases so tests can check that every export is released. It is
 // safe for concurrent use.
 type Catalog struct {
-	mu       sync.Mutex
-	order    []string
-	exports  map[string]catalogEntry
-	open     int
-	released int
+	mu      sync.Mutex
+	order   []string
+	exports map[string]catalogEntry
+	open    int
 }
 
 type catalogEntry struct {
@@ -57,7 +56,6 @@ func (c *Catalog) Export(ctx context.Context, name string) (*nbd.Export, error) 
 		once.Do(func() {
 			c.mu.Lock()
 			c.open--
-			c.released++
 			c.mu.Unlock()
 		})
 	}}, nil
