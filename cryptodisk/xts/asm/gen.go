@@ -42,6 +42,18 @@ func main() {
 	g.raw("DATA xtsMask<>+0(SB)/8, $0x0000000000000087\n")
 	g.raw("DATA xtsMask<>+8(SB)/8, $0x0000000000000001\n")
 	g.raw("GLOBL xtsMask<>(SB), RODATA|NOPTR, $16\n\n")
+	g.raw("// xtsShl<> and xtsShr<> hold, for the YMM pair p = 0..7 of a sector's\n")
+	g.raw("// first sixteen tweaks, the qword shift counts {2p, 2p, 2p+1, 2p+1} and\n")
+	g.raw("// 64 minus them: T*x^k = (T<<k) ^ clmul(T>>(128-k), 0x87) for k < 64.\n")
+	for p := range 8 {
+		for q := range 4 {
+			k := 2*p + q/2
+			g.raw(fmt.Sprintf("DATA xtsShl<>+%d(SB)/8, $%d\n", 32*p+8*q, k))
+			g.raw(fmt.Sprintf("DATA xtsShr<>+%d(SB)/8, $%d\n", 32*p+8*q, 64-k))
+		}
+	}
+	g.raw("GLOBL xtsShl<>(SB), RODATA|NOPTR, $256\n")
+	g.raw("GLOBL xtsShr<>(SB), RODATA|NOPTR, $256\n\n")
 	g.cpuid()
 	g.ecb()
 	g.xtsAESNI("xtsEncAESNI", "AESENC", "AESENCLAST")
@@ -242,38 +254,44 @@ func (g *gen) xtsVAES(name, op, opLast string) {
 	g.p("TESTQ DX, DX")
 	g.p("JZ done")
 	g.label("sector")
-	g.p("VMOVDQU (BX), X9")
+	g.p("VBROADCASTI128 (BX), Y9")
 	g.p("MOVQ CX, R9")
 	g.p("CMPQ R9, $16")
 	g.p("JB tail")
-	g.p("VMOVDQU X9, 0(SP)")
-	for i := 1; i < 16; i++ {
-		g.vmulx("X9", "X10")
-		g.p("VMOVDQU X9, %d(SP)", 16*i)
+	// The sixteen tweaks T*x^k, k = 0..15, computed independently from T
+	// (no serial doubling chain), two per YMM register.
+	for p := range 8 {
+		g.p("VPSLLVQ xtsShl<>+%d(SB), Y9, Y10", 32*p)
+		g.p("VPSRLVQ xtsShr<>+%d(SB), Y9, Y11", 32*p)
+		g.p("VPSLLDQ $8, Y11, Y12")
+		g.p("VPXOR Y12, Y10, Y10")
+		g.p("VPSRLDQ $8, Y11, Y11")
+		g.p("VPCLMULQDQ $0x00, Y15, Y11, Y11")
+		g.p("VPXOR Y11, Y10, Y10")
+		g.p("VMOVDQU Y10, %d(SP)", 32*p)
 	}
 	g.label("loop16")
-	for i := range 8 {
-		g.p("VMOVDQU %d(SI), Y%d", 32*i, i)
-	}
-	for i := range 8 {
-		g.p("VPXOR %d(SP), Y%d, Y%d", 32*i, i, i)
-	}
+	// Whitening: block ^ tweak ^ round key 0.
 	g.p("VBROADCASTI128 0(AX), Y8")
 	for i := range 8 {
-		g.p("VPXOR Y8, Y%d, Y%d", i, i)
-	}
-	for r := 1; r <= rounds; r++ {
-		g.p("VBROADCASTI128 %d(AX), Y8", 16*r)
-		o := op
-		if r == rounds {
-			o = opLast
-		}
-		for i := range 8 {
-			g.p("%s Y8, Y%d, Y%d", o, i, i)
-		}
+		g.p("VPXOR %d(SP), Y8, Y%d", 32*i, i)
 	}
 	for i := range 8 {
-		g.p("VPXOR %d(SP), Y%d, Y%d", 32*i, i, i)
+		g.p("VPXOR %d(SI), Y%d, Y%d", 32*i, i, i)
+	}
+	for r := 1; r < rounds; r++ {
+		g.p("VBROADCASTI128 %d(AX), Y8", 16*r)
+		for i := range 8 {
+			g.p("%s Y8, Y%d, Y%d", op, i, i)
+		}
+	}
+	// The last round key XOR the tweak: the last round then yields the
+	// output block directly.
+	g.p("VBROADCASTI128 %d(AX), Y8", 16*rounds)
+	for i := range 8 {
+		t := 9 + i%4
+		g.p("VPXOR %d(SP), Y8, Y%d", 32*i, t)
+		g.p("%s Y%d, Y%d, Y%d", opLast, t, i, i)
 		g.p("VMOVDQU Y%d, %d(DI)", i, 32*i)
 	}
 	g.p("ADDQ $256, SI")
