@@ -28,6 +28,8 @@ type KeyStatus struct {
 	Enabled bool
 	// Expires is zero when the key never expires.
 	Expires time.Time
+	// NotBefore is zero when the key has no start date.
+	NotBefore time.Time
 	// Latest is the kid of the newest enabled version of the same key, for
 	// automatic rotation.
 	Latest string
