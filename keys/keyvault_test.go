@@ -559,3 +559,102 @@ func versionOf(kid string) string {
 	id := azkeys.ID(kid)
 	return id.Version()
 }
+
+func TestValidate(t *testing.T) {
+	t.Parallel()
+	v := startVault(t, true)
+	des := v.in.NewPrincipal(t, "des", desPermissions...)
+	noUnwrap := v.in.NewPrincipal(t, "no-unwrap", "get", "wrapKey")
+	nothing := v.in.NewPrincipal(t, "nothing")
+	kid := v.createKey(t, "kek", 2048)
+	ctx := context.Background()
+	keyURL := v.in.URL + "/keys/kek"
+
+	got, err := v.provider(t, keyURL, des.ObjectID).Validate(ctx, des.ObjectID)
+	if err != nil {
+		t.Fatalf("Validate: %v", err)
+	}
+	want := keys.Validation{KeyID: kid, KeyType: "RSA", RecoveryLevel: "Recoverable", CanGet: true, CanWrap: true, CanUnwrap: true}
+	if *got != want {
+		t.Errorf("Validate = %+v, want %+v", *got, want)
+	}
+	if g, w, u := v.provider(t, keyURL, noUnwrap.ObjectID).AccessStatus(ctx); !g || !w || u {
+		t.Errorf("AccessStatus without unwrapKey = %v %v %v, want true true false", g, w, u)
+	}
+
+	cmd := func(oid string) string {
+		return "run cryptnbd keyvault set-policy --vault-url " + v.in.URL + " --object-id " + oid + " --key-permissions get wrapKey unwrapKey"
+	}
+	for _, tc := range []struct {
+		name     string
+		objectID string
+		want     keys.Validation
+		msg      string
+	}{
+		{"no unwrapKey", noUnwrap.ObjectID,
+			keys.Validation{KeyID: kid, KeyType: "RSA", RecoveryLevel: "Recoverable", CanGet: true, CanWrap: true},
+			"keys: key vault " + keyURL + ": identity " + noUnwrap.ObjectID + " lacks key permission unwrapKey: " + cmd(noUnwrap.ObjectID)},
+		{"no permissions", nothing.ObjectID,
+			keys.Validation{},
+			"keys: key vault " + keyURL + ": identity " + nothing.ObjectID + " lacks key permission get, wrapKey: " + cmd(nothing.ObjectID)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := v.provider(t, keyURL, tc.objectID).Validate(ctx, tc.objectID)
+			if err == nil || err.Error() != tc.msg {
+				t.Errorf("Validate error\n got %v\nwant %s", err, tc.msg)
+			}
+			if *got != tc.want {
+				t.Errorf("Validate = %+v, want %+v", *got, tc.want)
+			}
+		})
+	}
+	t.Run("unknown object id", func(t *testing.T) {
+		_, err := v.provider(t, keyURL, nothing.ObjectID).Validate(ctx, "")
+		if err == nil || !strings.Contains(err.Error(), cmd("<OBJECT_ID>")) {
+			t.Errorf("Validate error %v lacks %q", err, cmd("<OBJECT_ID>"))
+		}
+	})
+	t.Run("disabled key", func(t *testing.T) {
+		v.setEnabled(t, kid, false)
+		defer v.setEnabled(t, kid, true)
+		_, err := v.provider(t, keyURL, des.ObjectID).Validate(ctx, des.ObjectID)
+		msg := "keys: key vault " + keyURL + ": key version " + kid + " is disabled: enable it (az keyvault key set-attributes --id " + kid + " --enabled true)"
+		if err == nil || err.Error() != msg {
+			t.Errorf("Validate error\n got %v\nwant %s", err, msg)
+		}
+	})
+	t.Run("missing key", func(t *testing.T) {
+		_, err := v.provider(t, v.in.URL+"/keys/nope", des.ObjectID).Validate(ctx, des.ObjectID)
+		msg := "keys: key vault " + v.in.URL + ": key " + v.in.URL + "/keys/nope does not exist: create it, recover it if it was deleted (az keyvault key recover), or fix the key URL"
+		if err == nil || err.Error() != msg {
+			t.Errorf("Validate error\n got %v\nwant %s", err, msg)
+		}
+	})
+	t.Run("outage", func(t *testing.T) {
+		if err := v.in.Admin.SetOutage(ctx, true); err != nil {
+			t.Fatal(err)
+		}
+		defer v.in.Admin.SetOutage(ctx, false)
+		_, err := v.provider(t, keyURL, des.ObjectID).Validate(ctx, des.ObjectID)
+		if keys.Classify(err) != keys.ClassTransient {
+			t.Errorf("Validate during outage = %v, want a transient error", err)
+		}
+	})
+}
+
+func TestValidateNoPurgeProtection(t *testing.T) {
+	t.Parallel()
+	v := startVault(t, false)
+	des := v.in.NewPrincipal(t, "des", desPermissions...)
+	kid := v.createKey(t, "kek", 2048)
+	got, err := v.provider(t, kid, des.ObjectID).Validate(context.Background(), des.ObjectID)
+	msg := "keys: key vault " + kid + ": vault " + v.in.URL + ` has no purge protection (recoveryLevel "Recoverable+Purgeable"): ` +
+		"disk encryption needs purge protection enabled: az keyvault update --name <VAULT_NAME> --enable-purge-protection true, " +
+		"or for the local server cryptnbd keyvault serve --purge-protection=true"
+	if err == nil || err.Error() != msg {
+		t.Errorf("Validate error\n got %v\nwant %s", err, msg)
+	}
+	if got.RecoveryLevel != "Recoverable+Purgeable" || !got.CanUnwrap {
+		t.Errorf("Validate = %+v", *got)
+	}
+}

@@ -147,7 +147,10 @@ func (k *KeyVault) Validate(ctx context.Context, principalID string) (*Validatio
 				kid, a.info.expires.UTC().Format(time.RFC3339), kid))
 		}
 		if a.info.recoveryLevel != "Recoverable" && a.info.recoveryLevel != "CustomizedRecoverable" {
-			name, _, _ := strings.Cut(k.host, ".")
+			name := "<VAULT_NAME>"
+			if isAzureVaultHost(k.host) {
+				name, _, _ = strings.Cut(k.host, ".")
+			}
 			problems = append(problems, fmt.Sprintf("vault %s has no purge protection (recoveryLevel %q): disk encryption needs purge protection enabled: az keyvault update --name %s --enable-purge-protection true, or for the local server cryptnbd keyvault serve --purge-protection=true",
 				k.vaultURL, a.info.recoveryLevel, name))
 		}
