@@ -78,6 +78,10 @@ func availableImpls() []impl {
 // tweakBatch is how many sector tweaks are encrypted per aesEncBlocks call.
 const tweakBatch = 32
 
+// maxBatchBytes bounds the bytes handled by one kernel call, so that huge
+// sector sizes do not keep the goroutine in non-preemptible assembly for long.
+const maxBatchBytes = 128 << 10
+
 func (c *Cipher) crypt(dst, src []byte, sectorSize int, tweak, step uint64, decrypt bool) {
 	if c.impl == implGeneric {
 		c.cryptGeneric(dst, src, sectorSize, tweak, step, decrypt)
@@ -93,10 +97,11 @@ func (c *Cipher) crypt(dst, src []byte, sectorSize int, tweak, step uint64, decr
 		kernel, rk = xtsDecAESNI, &c.dec
 	}
 	sectors := len(src) / sectorSize
-	used := min(sectors, tweakBatch)
+	batch := max(1, min(tweakBatch, maxBatchBytes/sectorSize))
+	used := min(sectors, batch)
 	var tw [tweakBatch][16]byte
 	for off := 0; sectors > 0; {
-		n := min(sectors, tweakBatch)
+		n := min(sectors, batch)
 		for i := range n {
 			binary.LittleEndian.PutUint64(tw[i][:8], tweak)
 			binary.LittleEndian.PutUint64(tw[i][8:], 0)
