@@ -77,6 +77,11 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 	if err := d.checkRange(off, int64(len(p)), syscall.ENOSPC); err != nil {
 		return err
 	}
+	if len(p) == 0 {
+		// write would take an unaligned empty range for a partial sector
+		// and, with p nil, zero the rest of it.
+		return nil
+	}
 	c, err := d.enter(ctx)
 	if err != nil {
 		return err
