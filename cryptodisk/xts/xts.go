@@ -45,7 +45,7 @@ func (i impl) String() string {
 // A Cipher is read-only after New, so any number of goroutines may call
 // EncryptSectors and DecryptSectors at once. Zero must not run concurrently
 // with them; the caller (the disk's suspend gate) drains in-flight I/O first.
-// After Zero every method panics.
+// After Zero, EncryptSectors and DecryptSectors panic.
 type Cipher struct {
 	// The expanded round keys live in the Cipher's own arrays so that Zero
 	// can wipe them. The generic implementation does not use them.
