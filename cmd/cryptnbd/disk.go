@@ -16,19 +16,23 @@ import (
 	"time"
 
 	"github.com/cryptnbd/cryptnbd/cmd/cryptnbd/internal/daemon"
-	"github.com/cryptnbd/cryptnbd/cryptodisk"
 )
 
 // connect returns a client for the daemon on dataDir. With no daemon
 // running it opens the data directory in-process, so disks can be managed
 // before the daemon first starts.
-func connect(ctx context.Context, dataDir string) (*daemon.Client, func(), error) {
+func connect(ctx context.Context, dataDir string, vault *daemon.VaultConfig) (*daemon.Client, func(), error) {
 	sock := daemon.APISocket(dataDir)
 	if c, ok := dial(sock); ok {
 		return c, func() {}, nil
 	}
+	if vault != nil {
+		if err := vault.Init(); err != nil {
+			return nil, nil, err
+		}
+	}
 	log, _ := newLogger("warn", "auto")
-	st, err := daemon.OpenState(ctx, dataDir, log, cryptodisk.Options{}, 0)
+	st, err := daemon.OpenState(ctx, daemon.StateOptions{DataDir: dataDir, Logger: log, Vault: vault})
 	if err != nil {
 		if errors.Is(err, daemon.ErrLocked) {
 			return nil, nil, fmt.Errorf("%w, but its API socket %s does not answer", err, sock)
@@ -95,7 +99,9 @@ func diskCreate(ctx context.Context, args []string) error {
 	dataDir := dataDirFlag(fs)
 	size := fs.String("size", "", "disk size, e.g. 30G (binary units)")
 	sector := fs.Int("sector-size", 4096, "encryption sector size: 4096 or 512")
-	encType := fs.String("encryption-type", daemon.EncryptionPlatformKey, "encryption type")
+	encType := fs.String("encryption-type", "", "EncryptionAtRestWithPlatformKey (the default) or EncryptionAtRestWithCustomerKey")
+	des := fs.String("des", "", "disk encryption set for a customer-managed key")
+	vault := vaultFlags(fs)
 	out := outputFlag(fs)
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -118,18 +124,34 @@ func diskCreate(ctx context.Context, args []string) error {
 	if n%int64(*sector) != 0 {
 		return usagef("disk create: --size %s is not a multiple of the %d-byte sector", *size, *sector)
 	}
-	if *encType != daemon.EncryptionPlatformKey {
-		return usagef("disk create: --encryption-type %q: use %s", *encType, daemon.EncryptionPlatformKey)
+	if *encType == "" {
+		*encType = daemon.EncryptionPlatformKey
+		if *des != "" {
+			*encType = daemon.EncryptionCustomerKey
+		}
+	}
+	switch {
+	case *encType != daemon.EncryptionPlatformKey && *encType != daemon.EncryptionCustomerKey:
+		return usagef("disk create: --encryption-type %q: use %s or %s", *encType, daemon.EncryptionPlatformKey, daemon.EncryptionCustomerKey)
+	case *encType == daemon.EncryptionCustomerKey && *des == "":
+		return usagef("disk create: %s needs --des NAME", daemon.EncryptionCustomerKey)
+	case *encType == daemon.EncryptionPlatformKey && *des != "":
+		return usagef("disk create: --des is for --encryption-type %s", daemon.EncryptionCustomerKey)
+	}
+	if *des != "" {
+		if err := daemon.ValidateName(*des); err != nil {
+			return usagef("disk create: --des: %v", err)
+		}
 	}
 	if err := checkOutput(*out); err != nil {
 		return err
 	}
-	c, done, err := connect(ctx, *dataDir)
+	c, done, err := connect(ctx, *dataDir, vault)
 	if err != nil {
 		return err
 	}
 	defer done()
-	di, err := c.CreateDisk(ctx, daemon.CreateRequest{Name: name, SizeBytes: n, SectorSize: *sector, EncryptionType: *encType})
+	di, err := c.CreateDisk(ctx, daemon.CreateRequest{Name: name, SizeBytes: n, SectorSize: *sector, EncryptionType: *encType, DES: *des})
 	if err != nil {
 		return err
 	}
@@ -150,7 +172,7 @@ func diskList(ctx context.Context, args []string) error {
 	if err := checkOutput(*out); err != nil {
 		return err
 	}
-	c, done, err := connect(ctx, *dataDir)
+	c, done, err := connect(ctx, *dataDir, nil)
 	if err != nil {
 		return err
 	}
@@ -177,7 +199,7 @@ func diskShow(ctx context.Context, args []string) error {
 	if err := checkOutput(*out); err != nil {
 		return err
 	}
-	c, done, err := connect(ctx, *dataDir)
+	c, done, err := connect(ctx, *dataDir, nil)
 	if err != nil {
 		return err
 	}
@@ -201,7 +223,7 @@ func diskDelete(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	c, done, err := connect(ctx, *dataDir)
+	c, done, err := connect(ctx, *dataDir, nil)
 	if err != nil {
 		return err
 	}
@@ -233,7 +255,7 @@ func diskResize(ctx context.Context, args []string) error {
 	if err := checkOutput(*out); err != nil {
 		return err
 	}
-	c, done, err := connect(ctx, *dataDir)
+	c, done, err := connect(ctx, *dataDir, nil)
 	if err != nil {
 		return err
 	}
@@ -264,7 +286,7 @@ func diskRecoverySecret(ctx context.Context, args []string) error {
 	if err != nil {
 		return fmt.Errorf("recovery secret: %w", err)
 	}
-	c, done, err := connect(ctx, *dataDir)
+	c, done, err := connect(ctx, *dataDir, nil)
 	if err != nil {
 		f.Close()
 		os.Remove(*outPath)
@@ -392,7 +414,7 @@ func cmdAudit(ctx context.Context, args []string) error {
 			return usagef("audit: --since %q: give an RFC 3339 time or a duration like 1h", *since)
 		}
 	}
-	c, done, err := connect(ctx, *dataDir)
+	c, done, err := connect(ctx, *dataDir, nil)
 	if err != nil {
 		return err
 	}

@@ -21,6 +21,12 @@ Usage:
   cryptnbd disk delete NAME [--force]         crypto-shred and remove a disk
   cryptnbd disk resize NAME --size S          grow a disk, online
   cryptnbd disk recovery-secret NAME --out F  write the LUKS2 keyslot secret for cryptsetup
+  cryptnbd des create NAME --key-url URL [--auto-key-rotation]
+                                              create a disk encryption set (customer-managed key)
+  cryptnbd des list | show NAME | delete NAME | update NAME --key-url URL | rotate NAME
+  cryptnbd keyvault serve [flags]             run a local Key Vault-compatible server
+  cryptnbd keyvault key create|show|list-versions|enable|disable|delete|recover|purge|rotate --name K
+  cryptnbd keyvault set-policy|delete-policy --object-id ID [--key-permissions get wrapKey unwrapKey]
   cryptnbd audit [--disk NAME] [--since T]    read the key-use audit log
   cryptnbd version
 
@@ -66,6 +72,8 @@ func run(ctx context.Context, args []string) error {
 		return cmdServe(ctx, args[1:])
 	case "disk":
 		return cmdDisk(ctx, args[1:])
+	case "des":
+		return cmdDES(ctx, args[1:])
 	case "keyvault":
 		return cmdKeyVault(ctx, args[1:])
 	case "audit":

@@ -8,6 +8,7 @@ import (
 
 	"github.com/cryptnbd/cryptnbd/cmd/cryptnbd/internal/daemon"
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
+	"github.com/cryptnbd/cryptnbd/keys"
 )
 
 func cmdServe(ctx context.Context, args []string) error {
@@ -19,6 +20,11 @@ func cmdServe(ctx context.Context, args []string) error {
 	demo := fs.String("demo-disk", "", "create this disk at start if it does not exist (make run uses \"demo\")")
 	demoSize := fs.String("demo-size", "1G", "size of the demo disk")
 	hold := fs.Duration("suspend-hold", cryptodisk.DefaultSuspendHold, "how long I/O to a suspended disk is held before it fails with EIO; keep it below the client's request timeout (Linux nbd: 30s)")
+	vault := vaultFlags(fs)
+	checkEvery := fs.Duration("key-check-interval", 30*time.Second, "how often each customer-managed key version is checked (a GET)")
+	probeEvery := fs.Duration("key-probe-interval", 5*time.Minute, "how often each key version gets a real unwrap, which alone catches a removed unwrapKey permission")
+	grace := fs.Duration("key-grace", time.Hour, "how long disks keep serving with their cached key while Key Vault is unreachable, before failing closed")
+	strictExpiry := fs.Bool("suspend-on-expiry", false, "suspend disks whose key has expired (Key Vault still unwraps expired keys; by default expiry only alerts)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "auto", "auto (text on a terminal, JSON otherwise), text or json")
 	pos, err := parse(fs, args)
@@ -40,11 +46,19 @@ func cmdServe(ctx context.Context, args []string) error {
 	if *hold <= 0 {
 		return usagef("--suspend-hold must be positive")
 	}
+	if *checkEvery <= 0 || *probeEvery <= 0 || *grace <= 0 {
+		return usagef("--key-check-interval, --key-probe-interval and --key-grace must be positive")
+	}
 	log, err := newLogger(*level, *format)
 	if err != nil {
 		return err
 	}
+	if err := vault.Init(); err != nil {
+		return err
+	}
 	return daemon.Run(ctx, daemon.ServeConfig{
+		Vault:   vault,
+		Watch:   keys.WatcherOptions{Interval: *checkEvery, ProbeInterval: *probeEvery, Grace: *grace, SuspendOnExpiry: *strictExpiry},
 		DataDir: *dataDir, Listen: *listen, Unix: *unixPath, MetricsListen: *metrics,
 		DemoDisk: *demo, DemoSize: size, SuspendHold: *hold, Logger: log,
 		Ready: func(a daemon.Addrs) { printAttach(ctx, a, *dataDir) },

@@ -31,6 +31,12 @@ func NewAPI(m *Manager, auditPath string) *API {
 	a.mux.HandleFunc("POST /v1/disks/{name}/resize", a.resizeDisk)
 	a.mux.HandleFunc("POST /v1/disks/{name}/recovery-secret", a.recoverySecret)
 	a.mux.HandleFunc("GET /v1/audit", a.audit)
+	a.mux.HandleFunc("GET /v1/des", a.listDES)
+	a.mux.HandleFunc("POST /v1/des", a.createDES)
+	a.mux.HandleFunc("GET /v1/des/{name}", a.showDES)
+	a.mux.HandleFunc("DELETE /v1/des/{name}", a.deleteDES)
+	a.mux.HandleFunc("POST /v1/des/{name}/update", a.updateDES)
+	a.mux.HandleFunc("POST /v1/des/{name}/rotate", a.rotateDES)
 	return a
 }
 
@@ -164,4 +170,62 @@ func (a *API) audit(w http.ResponseWriter, r *http.Request) {
 		evs = []AuditEvent{}
 	}
 	writeJSON(w, http.StatusOK, evs)
+}
+
+func (a *API) listDES(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, a.m.ListDES())
+}
+
+func (a *API) createDES(w http.ResponseWriter, r *http.Request) {
+	var req DESRequest
+	if err := decode(r, &req); err != nil {
+		writeErr(w, err)
+		return
+	}
+	info, err := a.m.CreateDES(r.Context(), req)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, info)
+}
+
+func (a *API) showDES(w http.ResponseWriter, r *http.Request) {
+	info, err := a.m.ShowDES(r.Context(), r.PathValue("name"))
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, info)
+}
+
+func (a *API) deleteDES(w http.ResponseWriter, r *http.Request) {
+	if err := a.m.DeleteDES(r.PathValue("name")); err != nil {
+		writeErr(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (a *API) updateDES(w http.ResponseWriter, r *http.Request) {
+	var req DESRequest
+	if err := decode(r, &req); err != nil {
+		writeErr(w, err)
+		return
+	}
+	info, err := a.m.UpdateDES(r.Context(), r.PathValue("name"), req.KeyURL)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, info)
+}
+
+func (a *API) rotateDES(w http.ResponseWriter, r *http.Request) {
+	info, err := a.m.RotateDES(r.Context(), r.PathValue("name"))
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, info)
 }

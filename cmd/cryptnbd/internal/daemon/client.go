@@ -163,3 +163,38 @@ func IsNotRunning(err error) bool {
 	var ne *net.OpError
 	return errors.As(err, &ne)
 }
+
+// ListDES returns every disk encryption set.
+func (c *Client) ListDES(ctx context.Context) ([]DESInfo, error) {
+	var out []DESInfo
+	return out, c.do(ctx, http.MethodGet, "/v1/des", nil, &out)
+}
+
+// CreateDES creates a disk encryption set.
+func (c *Client) CreateDES(ctx context.Context, r DESRequest) (DESInfo, error) {
+	var out DESInfo
+	return out, c.do(ctx, http.MethodPost, "/v1/des", r, &out)
+}
+
+// ShowDES returns a set with its live access status.
+func (c *Client) ShowDES(ctx context.Context, name string) (DESInfo, error) {
+	var out DESInfo
+	return out, c.do(ctx, http.MethodGet, "/v1/des/"+url.PathEscape(name), nil, &out)
+}
+
+// DeleteDES deletes an unused set.
+func (c *Client) DeleteDES(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/des/"+url.PathEscape(name), nil, nil)
+}
+
+// UpdateDES points a set at another key, re-wrapping its disks.
+func (c *Client) UpdateDES(ctx context.Context, name, keyURL string) (DESInfo, error) {
+	var out DESInfo
+	return out, c.do(ctx, http.MethodPost, "/v1/des/"+url.PathEscape(name)+"/update", DESRequest{KeyURL: keyURL}, &out)
+}
+
+// RotateDES re-wraps a set's disks under the key's newest version.
+func (c *Client) RotateDES(ctx context.Context, name string) (DESInfo, error) {
+	var out DESInfo
+	return out, c.do(ctx, http.MethodPost, "/v1/des/"+url.PathEscape(name)+"/rotate", nil, &out)
+}

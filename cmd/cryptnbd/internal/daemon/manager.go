@@ -54,6 +54,12 @@ type Config struct {
 	Disk      cryptodisk.Options
 	// PBKDFIterations for new disks' keyslots (tests lower it).
 	PBKDFIterations int
+	// Vault reaches Key Vault for disk encryption sets; nil allows none.
+	Vault *VaultConfig
+	// Watch configures the revocation watcher of customer-managed keys.
+	Watch keys.WatcherOptions
+	// ObserveVault is told about every Key Vault request (for metrics).
+	ObserveVault func(op string, status int, d time.Duration)
 }
 
 // Manager owns the disks in a data directory. Safe for concurrent use.
@@ -61,8 +67,10 @@ type Manager struct {
 	cfg Config
 	log *slog.Logger
 
-	mu    sync.Mutex
-	disks map[string]*entry
+	mu      sync.Mutex
+	disks   map[string]*entry
+	des     map[string]*desEntry
+	watcher *keys.Watcher
 }
 
 type entry struct {
@@ -74,6 +82,8 @@ type entry struct {
 	// key is revoked); such a disk is listed but not served.
 	openErr error
 	info    *cryptodisk.Info
+	// stopWatch ends the revocation watch of a customer-key disk.
+	stopWatch func()
 }
 
 // DiskInfo is a disk as the API and `disk show -o json` present it.
@@ -100,6 +110,8 @@ type CreateRequest struct {
 	SizeBytes      int64  `json:"sizeBytes"`
 	SectorSize     int    `json:"sectorSize,omitempty"`
 	EncryptionType string `json:"encryptionType,omitempty"`
+	// DES is the disk encryption set of a customer-key disk.
+	DES string `json:"des,omitempty"`
 }
 
 // NewManager opens every disk in cfg.DataDir. A disk that cannot be opened
@@ -112,7 +124,20 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.Providers[keys.PlatformName] == nil {
 		return nil, errors.New("daemon: no platform key provider")
 	}
-	m := &Manager{cfg: cfg, log: cfg.Logger, disks: map[string]*entry{}}
+	m := &Manager{cfg: cfg, log: cfg.Logger, disks: map[string]*entry{}, des: map[string]*desEntry{}}
+	wo := cfg.Watch
+	wo.Logger = cfg.Logger
+	userNew := wo.OnNewVersion
+	wo.OnNewVersion = func(kid, latest string) {
+		m.onNewVersion(kid, latest)
+		if userNew != nil {
+			userNew(kid, latest)
+		}
+	}
+	m.watcher = keys.NewWatcher(wo)
+	if err := m.loadDES(); err != nil {
+		return nil, err
+	}
 	dir := filepath.Join(cfg.DataDir, diskDir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("daemon: %w", err)
@@ -140,6 +165,9 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 			m.log.Info("disk opened", "disk", name, "sizeBytes", e.disk.Size(), "kid", e.info.Token.KeyID)
 		}
 		m.disks[name] = e
+		if e.disk != nil && e.info.Token.Provider == keys.KeyVaultName {
+			m.watchLocked(e, e.info.Token.Properties["des"], m.des[e.info.Token.Properties["des"]].kv)
+		}
 	}
 	return m, nil
 }
@@ -154,14 +182,14 @@ func (m *Manager) openDisk(ctx context.Context, name, path string) (*cryptodisk.
 		store.Close()
 		return nil, nil, err
 	}
-	p, err := m.provider(info.Token.Provider)
+	p, principal, err := m.providerFor(info.Token)
 	if err != nil {
 		store.Close()
 		return nil, info, err
 	}
 	start := time.Now()
 	d, err := cryptodisk.Open(ctx, store, p, m.diskOptions(name))
-	m.cfg.Audit.timed("unwrap", name, info.Token.KeyID, p.Name(), start, err)
+	m.cfg.Audit.timed("unwrap", name, info.Token.KeyID, principal, start, err)
 	if err != nil {
 		store.Close()
 		return nil, info, err
@@ -183,6 +211,26 @@ func (m *Manager) provider(name string) (keys.Provider, error) {
 	return p, nil
 }
 
+// providerFor picks the provider a disk's token names, and the principal
+// that acts through it (for the audit log).
+func (m *Manager) providerFor(tok cryptodisk.Token) (keys.Provider, string, error) {
+	if tok.Provider != keys.KeyVaultName {
+		p, err := m.provider(tok.Provider)
+		if err != nil {
+			return nil, "", err
+		}
+		return p, tok.Provider, nil
+	}
+	des := tok.Properties["des"]
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e, ok := m.des[des]
+	if !ok {
+		return nil, "", fmt.Errorf("daemon: disk uses disk encryption set %q, which does not exist here", des)
+	}
+	return e.kv, e.rec.Identity.PrincipalID, nil
+}
+
 // Create makes a new disk. It is written under a temporary name and renamed
 // into place, so a crash never leaves a half-made disk visible.
 func (m *Manager) Create(ctx context.Context, r CreateRequest) (DiskInfo, error) {
@@ -191,9 +239,17 @@ func (m *Manager) Create(ctx context.Context, r CreateRequest) (DiskInfo, error)
 	}
 	if r.EncryptionType == "" {
 		r.EncryptionType = EncryptionPlatformKey
+		if r.DES != "" {
+			r.EncryptionType = EncryptionCustomerKey
+		}
 	}
-	if r.EncryptionType != EncryptionPlatformKey {
-		return DiskInfo{}, fmt.Errorf("%w: encryption type %q: only %s is available here", ErrInvalid, r.EncryptionType, EncryptionPlatformKey)
+	switch {
+	case r.EncryptionType == EncryptionPlatformKey && r.DES != "":
+		return DiskInfo{}, fmt.Errorf("%w: a disk encryption set is for %s; drop --des or change --encryption-type", ErrInvalid, EncryptionCustomerKey)
+	case r.EncryptionType == EncryptionCustomerKey && r.DES == "":
+		return DiskInfo{}, fmt.Errorf("%w: %s needs --des NAME (create one with cryptnbd des create)", ErrInvalid, EncryptionCustomerKey)
+	case r.EncryptionType != EncryptionPlatformKey && r.EncryptionType != EncryptionCustomerKey:
+		return DiskInfo{}, fmt.Errorf("%w: encryption type %q: use %s or %s", ErrInvalid, r.EncryptionType, EncryptionPlatformKey, EncryptionCustomerKey)
 	}
 	if r.SectorSize == 0 {
 		r.SectorSize = 4096
@@ -225,13 +281,28 @@ func (m *Manager) Create(ctx context.Context, r CreateRequest) (DiskInfo, error)
 	tok := d.Token()
 	e.info = &cryptodisk.Info{UUID: d.UUID(), SectorSize: d.SectorSize(), Token: tok}
 	m.log.Info("disk created", "disk", r.Name, "sizeBytes", r.SizeBytes, "kid", tok.KeyID)
+	if r.DES != "" {
+		m.watchLocked(e, r.DES, m.des[r.DES].kv)
+	}
 	return m.infoLocked(e), nil
 }
 
 func (m *Manager) create(ctx context.Context, r CreateRequest, path string) (*cryptodisk.Disk, error) {
-	p, err := m.provider(keys.PlatformName)
-	if err != nil {
-		return nil, err
+	var (
+		p         keys.Provider
+		principal = keys.PlatformName
+		props     = map[string]string{"name": r.Name, "encryptionType": r.EncryptionType}
+		err       error
+	)
+	if r.DES == "" {
+		if p, err = m.provider(keys.PlatformName); err != nil {
+			return nil, err
+		}
+	} else {
+		if p, principal, err = m.desProvider(ctx, r.DES); err != nil {
+			return nil, err
+		}
+		props["des"] = r.DES
 	}
 	tmp := path + creatingExt
 	store, err := filestore.Create(tmp, 0)
@@ -241,14 +312,14 @@ func (m *Manager) create(ctx context.Context, r CreateRequest, path string) (*cr
 	start := time.Now()
 	d, err := cryptodisk.Create(ctx, store, p, cryptodisk.CreateOptions{
 		SizeBytes: r.SizeBytes, SectorSize: r.SectorSize, Provider: p.Name(), Label: r.Name,
-		Properties:      map[string]string{"name": r.Name, "encryptionType": r.EncryptionType},
+		Properties:      props,
 		PBKDFIterations: m.cfg.PBKDFIterations,
 	}, m.diskOptions(r.Name))
 	kid := ""
 	if d != nil {
 		kid = d.Token().KeyID
 	}
-	m.cfg.Audit.timed("wrap", r.Name, kid, p.Name(), start, err)
+	m.cfg.Audit.timed("wrap", r.Name, kid, principal, start, err)
 	if err != nil {
 		store.Close()
 		os.Remove(tmp)
@@ -337,6 +408,9 @@ func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 		return fmt.Errorf("%w: %s has %d; disconnect them or use --force", ErrInUse, name, n)
 	}
 	delete(m.disks, name)
+	if e.stopWatch != nil {
+		e.stopWatch()
+	}
 	m.mu.Unlock()
 	if e.disk != nil {
 		e.disk.Close()
@@ -383,13 +457,13 @@ func (m *Manager) RecoverySecret(ctx context.Context, name string) ([]byte, erro
 		return nil, err
 	}
 	tok := e.disk.Token()
-	p, err := m.provider(tok.Provider)
+	p, principal, err := m.providerFor(tok)
 	if err != nil {
 		return nil, err
 	}
 	start := time.Now()
 	sec, err := e.disk.RecoverySecret(ctx, p)
-	m.cfg.Audit.timed("recovery-secret", name, tok.KeyID, p.Name(), start, err)
+	m.cfg.Audit.timed("recovery-secret", name, tok.KeyID, principal, start, err)
 	if err != nil {
 		return nil, err
 	}

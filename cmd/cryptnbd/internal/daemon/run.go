@@ -36,6 +36,20 @@ type ServeConfig struct {
 	Ready func(Addrs)
 	// PBKDFIterations for new disks (tests lower it); 0 means the default.
 	PBKDFIterations int
+	// Vault reaches Key Vault for customer-managed keys.
+	Vault *VaultConfig
+	// Watch configures the revocation watcher.
+	Watch keys.WatcherOptions
+}
+
+// StateOptions open a data directory.
+type StateOptions struct {
+	DataDir         string
+	Logger          *slog.Logger
+	Disk            cryptodisk.Options
+	PBKDFIterations int
+	Vault           *VaultConfig
+	Watch           keys.WatcherOptions
 }
 
 // Addrs are the bound addresses, for callers that asked for port 0.
@@ -58,7 +72,14 @@ type State struct {
 // OpenState locks dataDir for this process and opens everything in it. A
 // second daemon, or a CLI working offline, on the same directory gets a
 // clear error instead of corrupting state.
-func OpenState(ctx context.Context, dataDir string, log *slog.Logger, disk cryptodisk.Options, pbkdfIter int) (*State, error) {
+func OpenState(ctx context.Context, o StateOptions) (*State, error) {
+	dataDir, log := o.DataDir, o.Logger
+	if o.Vault == nil {
+		o.Vault = &VaultConfig{}
+		if err := o.Vault.Init(); err != nil {
+			return nil, err
+		}
+	}
 	if err := os.MkdirAll(dataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
@@ -80,8 +101,9 @@ func OpenState(ctx context.Context, dataDir string, log *slog.Logger, disk crypt
 		return nil, err
 	}
 	st.Manager, err = NewManager(ctx, Config{
-		DataDir: dataDir, Logger: log, Audit: st.Audit, Disk: disk, PBKDFIterations: pbkdfIter,
+		DataDir: dataDir, Logger: log, Audit: st.Audit, Disk: o.Disk, PBKDFIterations: o.PBKDFIterations,
 		Providers: map[string]keys.Provider{keys.PlatformName: st.Platform},
+		Vault:     o.Vault, Watch: o.Watch,
 	})
 	if err != nil {
 		st.Close(ctx)
@@ -119,7 +141,8 @@ func APISocket(dataDir string) string { return filepath.Join(dataDir, "api.sock"
 // close, requests in flight finish (or get ESHUTDOWN), disks are flushed.
 func Run(ctx context.Context, cfg ServeConfig) (err error) {
 	log := cfg.Logger
-	st, err := OpenState(ctx, cfg.DataDir, log, cryptodisk.Options{SuspendHold: cfg.SuspendHold}, cfg.PBKDFIterations)
+	st, err := OpenState(ctx, StateOptions{DataDir: cfg.DataDir, Logger: log, Disk: cryptodisk.Options{SuspendHold: cfg.SuspendHold},
+		PBKDFIterations: cfg.PBKDFIterations, Vault: cfg.Vault, Watch: cfg.Watch})
 	if err != nil {
 		return err
 	}
@@ -202,8 +225,15 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 		metricsSrv = &http.Server{Handler: metricsHandler(st.Manager), ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	}
 
-	errc := make(chan error, len(nbdLs)+2)
+	errc := make(chan error, len(nbdLs)+3)
 	var wg sync.WaitGroup
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	wg.Go(func() {
+		if err := st.Manager.Run(watchCtx); err != nil {
+			errc <- fmt.Errorf("key watcher: %w", err)
+		}
+	})
 	for _, l := range nbdLs {
 		wg.Go(func() {
 			if err := srv.Serve(ctx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
@@ -243,6 +273,7 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 	if metricsSrv != nil {
 		metricsSrv.Shutdown(sctx)
 	}
+	stopWatch()
 	wg.Wait()
 	return err
 }
