@@ -108,9 +108,16 @@ const cmdTimeout = 90 * time.Second
 // times out.
 func runEnv(t *testing.T, env []string, name string, args ...string) result {
 	t.Helper()
+	return runIn(t, "", env, name, args...)
+}
+
+// runIn is runEnv in directory dir (the test's if empty).
+func runIn(t *testing.T, dir string, env []string, name string, args ...string) result {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), cmdTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), env...)
 	var so, se bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &so, &se
