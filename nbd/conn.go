@@ -2,15 +2,20 @@ package nbd
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
+	"os"
 	"runtime/debug"
 	"sync"
+	"time"
 )
 
 const (
@@ -29,11 +34,21 @@ const (
 type conn struct {
 	s      *Server
 	nc     net.Conn
+	addr   netip.Addr // key for Options.MaxConnsPerAddr
 	id     uint64
 	log    *slog.Logger
-	ctx    context.Context // cancelled when the connection is closed
 	cancel context.CancelFunc
+	// ctx is cancelled when the connection is closed and carries the
+	// Peer. The handshake replaces it (with a child) when TLS starts,
+	// before any other goroutine reads it.
+	ctx context.Context
 
+	// tc is the TLS session after STARTTLS, nil before; set by the
+	// handshake, then read-only.
+	tc *tls.Conn
+
+	// br and bw are small during the handshake and replaced by
+	// ioBufferBytes ones for transmission.
 	br *bufio.Reader // reader goroutine (and handshake)
 	bw *bufio.Writer // writer goroutine (and handshake)
 
@@ -67,23 +82,46 @@ type conn struct {
 	inflight     int
 }
 
+// newConn sets up the state of an accepted connection; buffers are
+// allocated by serve, once the connection is admitted.
 func (s *Server) newConn(ctx context.Context, nc net.Conn) *conn {
 	id := s.nextID.Add(1)
 	c := &conn{
-		s:   s,
-		nc:  nc,
-		id:  id,
-		log: s.log.With("conn", id),
-		br:  bufio.NewReaderSize(nc, ioBufferBytes),
-		bw:  bufio.NewWriterSize(nc, ioBufferBytes),
+		s:    s,
+		nc:   nc,
+		addr: addrKey(nc.RemoteAddr()),
+		id:   id,
+		log:  s.log.With("conn", id),
 	}
-	c.ctx, c.cancel = context.WithCancel(ctx)
+	ctx, c.cancel = context.WithCancel(ctx)
+	c.ctx = context.WithValue(ctx, peerKey{}, peerOf(nc, nil))
 	c.bytes.init(s.opts.MaxInflightBytes)
-	context.AfterFunc(c.ctx, func() {
+	context.AfterFunc(ctx, func() {
 		c.nc.Close()
 		c.bytes.close()
 	})
 	return c
+}
+
+// stream is what the connection reads and writes after the handshake:
+// the TLS session or the socket.
+func (c *conn) stream() io.ReadWriter {
+	if c.tc != nil {
+		return c.tc
+	}
+	return c.nc
+}
+
+// startTransmission swaps the handshake's small buffers for full-size
+// ones, keeping any request bytes the client already sent.
+func (c *conn) startTransmission() {
+	var src io.Reader = c.stream()
+	if n := c.br.Buffered(); n > 0 {
+		early, _ := c.br.Peek(n)
+		src = io.MultiReader(bytes.NewReader(bytes.Clone(early)), src)
+	}
+	c.br = bufio.NewReaderSize(src, ioBufferBytes)
+	c.bw = bufio.NewWriterSize(c.stream(), ioBufferBytes)
 }
 
 // hardClose drops the connection: the socket is closed and the context
@@ -118,10 +156,17 @@ func (c *conn) serve() {
 			c.hardClose()
 		}
 	}()
+	c.br = bufio.NewReaderSize(c.nc, handshakeBufBytes)
+	c.bw = bufio.NewWriterSize(c.nc, handshakeBufBytes)
 	if err := c.handshake(); err != nil {
-		c.log.Debug("nbd: handshake ended", "err", err)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			c.s.refuse(c.log, RefusedHandshakeTimeout, c.peer(), err)
+		} else {
+			c.log.Debug("nbd: handshake ended", "err", err)
+		}
 		return
 	}
+	c.startTransmission()
 	c.startPipeline()
 	if err := c.readLoop(); err != nil {
 		c.log.Debug("nbd: connection ended", "err", err)
@@ -135,6 +180,11 @@ func (c *conn) finish() {
 		c.workersWG.Wait()
 		close(c.replies)
 		<-c.writerDone
+	}
+	if c.tc != nil && c.writeErr == nil && c.ctx.Err() == nil {
+		// Say goodbye with close_notify, as the protocol asks; Close
+		// bounds the write to 5 seconds.
+		c.tc.Close()
 	}
 	c.hardClose()
 	if c.exp != nil && c.exp.Release != nil {
@@ -218,6 +268,11 @@ var errBadMagic = errors.New("nbd: bad request magic")
 // protocol. It returns nil on NBD_CMD_DISC.
 func (c *conn) readLoop() error {
 	for {
+		if c.s.opts.IdleTimeout > 0 && c.br.Buffered() == 0 {
+			if err := c.waitRequest(); err != nil {
+				return err
+			}
+		}
 		if _, err := io.ReadFull(c.br, c.hdr[:]); err != nil {
 			return fmt.Errorf("nbd: read request: %w", err)
 		}
@@ -280,6 +335,37 @@ func (c *conn) readLoop() error {
 			continue
 		}
 		c.work <- r
+	}
+}
+
+var errIdle = errors.New("nbd: idle timeout")
+
+// waitRequest waits for the next request to start arriving, for at most
+// Options.IdleTimeout while nothing is in flight.
+func (c *conn) waitRequest() error {
+	idle := c.s.opts.IdleTimeout
+	for {
+		if err := c.nc.SetReadDeadline(time.Now().Add(idle)); err != nil {
+			return fmt.Errorf("nbd: set idle deadline: %w", err)
+		}
+		_, err := c.br.Peek(1)
+		if err == nil {
+			if err := c.nc.SetReadDeadline(time.Time{}); err != nil {
+				return fmt.Errorf("nbd: clear idle deadline: %w", err)
+			}
+			return nil
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			return fmt.Errorf("nbd: read request: %w", err)
+		}
+		c.mu.Lock()
+		busy := c.inflight > 0
+		c.mu.Unlock()
+		if !busy {
+			c.s.idleClosed.Add(1)
+			c.log.Debug("nbd: closing idle connection", "idle", idle)
+			return errIdle
+		}
 	}
 }
 

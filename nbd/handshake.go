@@ -1,6 +1,8 @@
 package nbd
 
 import (
+	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -15,6 +17,8 @@ const maxOptionBytes = 64 << 10
 var (
 	errAbort              = errors.New("nbd: client sent NBD_OPT_ABORT")
 	errUnknownClientFlags = errors.New("nbd: unknown client flags")
+	errTLSRequired        = errors.New("nbd: NBD_OPT_EXPORT_NAME before TLS")
+	errEarlyTLSData       = errors.New("nbd: client sent data after NBD_OPT_STARTTLS before its reply")
 )
 
 // handshake runs fixed newstyle negotiation under the handshake deadline.
@@ -59,9 +63,12 @@ func (c *conn) handshake() error {
 	return nil
 }
 
-// handshake holds the negotiation state of one connection.
+// handshake holds the negotiation state of one connection. Everything
+// below noZeroes is option state, forgotten when TLS starts.
 type handshake struct {
-	c          *conn
+	c *conn
+	// tlsRefused is set once a RefusedTLSRequired has been reported.
+	tlsRefused bool
 	noZeroes   bool
 	structured bool
 	// metaExport is the export the base:allocation context was selected
@@ -93,14 +100,32 @@ func (h *handshake) option() (done bool, err error) {
 		}
 		return false, h.reply(opt, repErrTooBig, []byte("option too long"))
 	}
-	data := make([]byte, n)
-	if _, err := io.ReadFull(c.br, data); err != nil {
+	// Read as the bytes arrive rather than allocating n up front, so a
+	// client that announces a large option and then trickles holds
+	// little memory.
+	data, err := io.ReadAll(io.LimitReader(c.br, int64(n)))
+	if err == nil && len(data) < int(n) {
+		err = io.ErrUnexpectedEOF
+	}
+	if err != nil {
 		return false, fmt.Errorf("nbd: read option data: %w", err)
 	}
 	if c.isShutting() && opt != optAbort {
 		return false, h.reply(opt, repErrShutdown, nil)
 	}
+	if c.s.opts.TLSMode == TLSRequire && c.tc == nil && opt != optStartTLS && opt != optAbort {
+		if !h.tlsRefused {
+			h.tlsRefused = true
+			c.s.refuse(c.log, RefusedTLSRequired, c.peer(), nil)
+		}
+		if opt == optExportName {
+			return false, errTLSRequired
+		}
+		return false, h.reply(opt, repErrTLSReqd, []byte("TLS required"))
+	}
 	switch opt {
+	case optStartTLS:
+		return false, h.startTLS(data)
 	case optExportName:
 		return true, h.exportName(string(data))
 	case optAbort:
@@ -122,6 +147,49 @@ func (h *handshake) option() (done bool, err error) {
 	default:
 		return false, h.reply(opt, repErrUnsup, nil)
 	}
+}
+
+// startTLS answers NBD_OPT_STARTTLS and, after an ACK, runs the TLS
+// handshake and forgets every option negotiated before it.
+func (h *handshake) startTLS(data []byte) error {
+	c := h.c
+	switch {
+	case c.s.tls == nil:
+		return h.reply(optStartTLS, repErrUnsup, []byte("TLS not configured"))
+	case c.tc != nil:
+		return h.reply(optStartTLS, repErrInvalid, []byte("TLS already started"))
+	case len(data) != 0:
+		return h.reply(optStartTLS, repErrInvalid, []byte("STARTTLS takes no data"))
+	}
+	if c.br.Buffered() != 0 {
+		// Bytes the client sent before our reply would be taken as
+		// coming from inside TLS: a plaintext injection. Hang up.
+		c.s.refuse(c.log, RefusedTLSHandshake, c.peer(), errEarlyTLSData)
+		return errEarlyTLSData
+	}
+	if err := h.reply(optStartTLS, repAck, nil); err != nil {
+		return err
+	}
+	// The handshake deadline set on c.nc still bounds the TLS handshake.
+	tc := tls.Server(c.nc, c.s.tls)
+	if err := tc.HandshakeContext(c.ctx); err != nil {
+		err = fmt.Errorf("nbd: TLS handshake: %w", err)
+		c.s.refuse(c.log, RefusedTLSHandshake, c.peer(), err)
+		return err
+	}
+	c.tc = tc
+	c.br.Reset(tc)
+	c.bw.Reset(tc)
+	p := peerOf(c.nc, tc)
+	c.ctx = context.WithValue(c.ctx, peerKey{}, p)
+	st := tc.ConnectionState()
+	if p.Certificate != nil {
+		c.log.Debug("nbd: TLS started", "version", tls.VersionName(st.Version), "client", p.Certificate.Subject.String())
+	} else {
+		c.log.Debug("nbd: TLS started", "version", tls.VersionName(st.Version))
+	}
+	*h = handshake{c: c, noZeroes: h.noZeroes}
+	return nil
 }
 
 // reply sends one option reply and flushes it.
@@ -182,7 +250,11 @@ func (h *handshake) exportName(name string) error {
 	c := h.c
 	exp, err := c.s.cat.Export(c.ctx, name)
 	if err != nil {
-		return fmt.Errorf("nbd: export %q: %w", name, err)
+		err = fmt.Errorf("nbd: export %q: %w", name, err)
+		if errors.Is(err, ErrUnknownExport) {
+			c.s.refuse(c.log, RefusedUnknownExport, c.peer(), err)
+		}
+		return err
 	}
 	h.enter(name, exp)
 	var b [10 + 124]byte
@@ -228,7 +300,7 @@ func (h *handshake) openExport(opt uint32, name string) (*Export, error) {
 		return exp, nil
 	}
 	if errors.Is(err, ErrUnknownExport) {
-		c.log.Debug("nbd: unknown export", "export", name)
+		c.s.refuse(c.log.With("export", name), RefusedUnknownExport, c.peer(), err)
 		return nil, h.reply(opt, repErrUnknown, []byte("unknown export"))
 	}
 	c.log.Warn("nbd: opening export failed", "export", name, "err", err)

@@ -2,11 +2,14 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,14 +26,24 @@ var ErrServerClosed = errors.New("nbd: server closed")
 // Catalog is how the server finds exports. The daemon implements it; the
 // server calls it from many connection goroutines at once, so it must be
 // safe for concurrent use.
+//
+// Both methods get a context carrying the connection's Peer (see
+// PeerFromContext), for access control: who the client is, whether it
+// uses TLS and which verified certificate it presented.
 type Catalog interface {
 	// Export opens the named export for one connection; name "" is the
 	// default export. It returns an error wrapping ErrUnknownExport when
-	// the export does not exist. The server calls Release on the result
+	// the export does not exist, or when this peer may not use it: the
+	// client cannot tell the two apart (NBD_REP_ERR_UNKNOWN, or a closed
+	// connection after NBD_OPT_EXPORT_NAME). To grant read-only access to
+	// this peer, set ReadOnly in the returned Export: the server then
+	// advertises NBD_FLAG_READ_ONLY and fails WRITE, TRIM and
+	// WRITE_ZEROES with EPERM. The server calls Release on the result
 	// exactly once, when it no longer needs it (at once for NBD_OPT_INFO
 	// and metadata queries, at the end of the connection otherwise).
 	Export(ctx context.Context, name string) (*Export, error)
-	// Exports lists what NBD_OPT_LIST shows.
+	// Exports lists what NBD_OPT_LIST shows; it should leave out exports
+	// the peer may not open.
 	Exports(ctx context.Context) ([]ExportInfo, error)
 }
 
@@ -74,6 +87,70 @@ type Options struct {
 	// Workers is the number of goroutines per connection calling the
 	// Backend. Default 16.
 	Workers int
+
+	// TLSMode selects whether NBD_OPT_STARTTLS is offered and whether it
+	// is required. Default TLSOff.
+	TLSMode TLSMode
+	// TLSConfig is the server's TLS configuration, required unless
+	// TLSMode is TLSOff. TLS 1.3 is preferred and TLS 1.2 is the minimum,
+	// whatever MinVersion says. To reload certificates without dropping
+	// connections, set GetConfigForClient (or GetCertificate): it is
+	// called for every new TLS session. For client certificates set
+	// ClientAuth (tls.RequireAndVerifyClientCert) and ClientCAs; the
+	// verified certificate is then in the connection's Peer.
+	TLSConfig *tls.Config
+
+	// MaxConns caps the connections open at once, negotiating or not.
+	// Connections beyond it are closed as soon as they are accepted.
+	// 0 means no limit.
+	MaxConns int
+	// MaxConnsPerAddr caps the connections open at once from one source
+	// IP address (TCP; Unix socket clients are not limited by it).
+	// 0 means no limit.
+	MaxConnsPerAddr int
+	// IdleTimeout closes a connection in transmission that has had
+	// nothing in flight and received no request for this long.
+	// 0 means never.
+	IdleTimeout time.Duration
+	// OnRefused, if not nil, is called when the server turns a client
+	// away, with one of the Refused* reasons and what is known of the
+	// peer. It may be called from many goroutines at once, including the
+	// accept loop, so it must be quick and safe for concurrent use.
+	OnRefused func(reason string, p Peer)
+}
+
+// Reasons passed to Options.OnRefused and counted in Stats.Refused.
+const (
+	// RefusedMaxConns: Options.MaxConns connections were already open.
+	RefusedMaxConns = "max-conns"
+	// RefusedMaxConnsPerAddr: Options.MaxConnsPerAddr connections from
+	// the same address were already open.
+	RefusedMaxConnsPerAddr = "max-conns-per-addr"
+	// RefusedHandshakeTimeout: negotiation (TLS included) did not finish
+	// within Options.HandshakeTimeout.
+	RefusedHandshakeTimeout = "handshake-timeout"
+	// RefusedTLSRequired: a client sent an option other than STARTTLS or
+	// ABORT before TLS under TLSRequire. Reported once per connection.
+	RefusedTLSRequired = "tls-required"
+	// RefusedTLSHandshake: the TLS handshake after STARTTLS failed, for
+	// example because the client certificate was missing or not
+	// trusted, or plaintext followed STARTTLS.
+	RefusedTLSHandshake = "tls-handshake"
+	// RefusedUnknownExport: the Catalog reported ErrUnknownExport, for a
+	// missing export or one the peer may not use.
+	RefusedUnknownExport = "unknown-export"
+)
+
+// Stats are counters of a Server since it was created.
+type Stats struct {
+	// Open is the number of connections open now.
+	Open int
+	// Accepted counts connections admitted (not refused by a cap).
+	Accepted uint64
+	// IdleClosed counts connections closed by Options.IdleTimeout.
+	IdleClosed uint64
+	// Refused counts refusals by reason (the Refused* constants).
+	Refused map[string]uint64
 }
 
 func (o Options) withDefaults() Options {
@@ -95,6 +172,11 @@ func (o Options) withDefaults() Options {
 	return o
 }
 
+// handshakeBufBytes sizes the buffered reader and writer of a connection
+// until it enters transmission, so that connections that never get
+// there stay cheap.
+const handshakeBufBytes = 4 << 10
+
 // Server serves NBD exports from a Catalog. Its methods are safe for
 // concurrent use. Each connection runs one reader, Options.Workers workers
 // and one writer goroutine; they all exit when the connection ends.
@@ -102,29 +184,88 @@ type Server struct {
 	cat  Catalog
 	opts Options
 	log  *slog.Logger
+	tls  *tls.Config // nil when TLSMode is TLSOff
 
-	nextID atomic.Uint64
+	nextID     atomic.Uint64
+	accepted   atomic.Uint64
+	idleClosed atomic.Uint64
 
-	// mu guards listeners, conns and shutting; connWG.Add happens under
-	// it, so no Add races with the Wait in Shutdown.
+	// mu guards listeners, conns, perAddr and shutting; connWG.Add
+	// happens under it, so no Add races with the Wait in Shutdown.
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
+	perAddr   map[netip.Addr]int // open connections per source IP
 	shutting  bool
 	connWG    sync.WaitGroup
+
+	// refusedMu guards refused, counts by reason.
+	refusedMu sync.Mutex
+	refused   map[string]uint64
 }
 
 // NewServer returns a server for the catalog. It does not listen: call
-// Serve.
+// Serve. It panics if TLSMode is not TLSOff and TLSConfig is nil.
 func NewServer(c Catalog, o Options) *Server {
 	o = o.withDefaults()
-	return &Server{
+	s := &Server{
 		cat:       c,
 		opts:      o,
 		log:       o.Logger,
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
+		perAddr:   make(map[netip.Addr]int),
+		refused:   make(map[string]uint64),
 	}
+	switch o.TLSMode {
+	case TLSOff:
+	case TLSOn, TLSRequire:
+		if o.TLSConfig == nil {
+			panic("nbd: Options.TLSMode " + o.TLSMode.String() + " needs Options.TLSConfig")
+		}
+		s.tls = serverTLSConfig(o.TLSConfig)
+	default:
+		panic("nbd: invalid Options.TLSMode " + o.TLSMode.String())
+	}
+	return s
+}
+
+// Stats returns the server's counters.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	open := len(s.conns)
+	s.mu.Unlock()
+	s.refusedMu.Lock()
+	refused := maps.Clone(s.refused)
+	s.refusedMu.Unlock()
+	return Stats{Open: open, Accepted: s.accepted.Load(), IdleClosed: s.idleClosed.Load(), Refused: refused}
+}
+
+// refuse counts a refusal, logs it at debug level and reports it to
+// Options.OnRefused.
+func (s *Server) refuse(log *slog.Logger, reason string, p Peer, err error) {
+	s.refusedMu.Lock()
+	s.refused[reason]++
+	s.refusedMu.Unlock()
+	if log.Enabled(context.Background(), slog.LevelDebug) {
+		var remote string
+		if p.Addr != nil {
+			remote = p.Addr.String()
+		}
+		log.Debug("nbd: client refused", "reason", reason, "remote", remote, "tls", p.TLS, "err", err)
+	}
+	if s.opts.OnRefused != nil {
+		s.opts.OnRefused(reason, p)
+	}
+}
+
+// addrKey is the per-address limit's key for a remote address: the IP of
+// a TCP peer, or the zero Addr (no limit) for anything else.
+func addrKey(a net.Addr) netip.Addr {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.AddrPort().Addr().Unmap()
+	}
+	return netip.Addr{}
 }
 
 // Serve accepts connections on l until l fails, ctx is done, or the server
@@ -183,10 +324,17 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			tc.SetNoDelay(true)
 		}
 		c := s.newConn(ctx, nc)
-		if !s.trackConn(c) {
-			nc.Close()
+		switch reason := s.trackConn(c); reason {
+		case "":
+		case errClosedReason:
+			c.cancel()
 			return ErrServerClosed
+		default:
+			c.cancel()
+			s.refuse(s.log, reason, Peer{Addr: nc.RemoteAddr()}, nil)
+			continue
 		}
+		s.accepted.Add(1)
 		go c.serve()
 	}
 }
@@ -197,20 +345,42 @@ func (s *Server) isShutting() bool {
 	return s.shutting
 }
 
-func (s *Server) trackConn(c *conn) bool {
+// errClosedReason is trackConn's answer when the server is shutting down.
+const errClosedReason = "closed"
+
+// trackConn admits a connection under the connection caps. It returns ""
+// when admitted, errClosedReason when the server is shutting down, or
+// the Refused* reason.
+func (s *Server) trackConn(c *conn) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.shutting {
-		return false
+		return errClosedReason
+	}
+	if max := s.opts.MaxConns; max > 0 && len(s.conns) >= max {
+		return RefusedMaxConns
+	}
+	if max := s.opts.MaxConnsPerAddr; max > 0 && c.addr.IsValid() && s.perAddr[c.addr] >= max {
+		return RefusedMaxConnsPerAddr
+	}
+	if c.addr.IsValid() {
+		s.perAddr[c.addr]++
 	}
 	s.conns[c] = struct{}{}
 	s.connWG.Add(1)
-	return true
+	return ""
 }
 
 func (s *Server) untrackConn(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
+	if c.addr.IsValid() {
+		if n := s.perAddr[c.addr] - 1; n > 0 {
+			s.perAddr[c.addr] = n
+		} else {
+			delete(s.perAddr, c.addr)
+		}
+	}
 	s.mu.Unlock()
 	s.connWG.Done()
 }
