@@ -26,11 +26,14 @@ type fioJob struct {
 // for the first brace.
 func runFio(t *testing.T, uri string, args ...string) []fioJob {
 	t.Helper()
-	out := filepath.Join(t.TempDir(), "fio.json")
+	dir := t.TempDir()
+	out := filepath.Join(dir, "fio.json")
+	// fio saves a verify state file in its working directory when a job
+	// dies mid-write: keep that out of the source tree.
 	all := append([]string{"--name=verify", "--ioengine=nbd", "--uri=" + uri,
-		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
 		"--group_reporting=0", "--output-format=json", "--output=" + out}, args...)
-	r := runCmd(t, "fio", all...)
+	r := runIn(t, dir, nil, "fio", all...)
 	raw := readFile(t, out)
 	if r.Code != 0 {
 		t.Fatalf("fio %q: %v\nreport:\n%s", args, r, clip(string(raw)))
