@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -89,6 +90,13 @@ type Disk struct {
 	since   time.Time
 	resumed chan struct{} // closed when the disk leaves the suspended state
 	held    atomic.Int64
+	writes  atomic.Uint64 // writes completed, counted inside the gate
+
+	// wmu is the write barrier: WriteAt and Zero (so Trim) hold its read
+	// side while they change the store; Barrier holds the write side, so
+	// the image it sees holds every write acknowledged before Barrier was
+	// called and none that started after. Reads never take it.
+	wmu sync.RWMutex
 
 	// stripes serialise read-modify-write of partial sectors against any
 	// other write to the same sector; see lockRange.
@@ -309,6 +317,12 @@ func (d *Disk) State() (State, string, time.Time) {
 	return d.state, d.reason, d.since
 }
 
+// WritesCompleted counts writes (WRITE, and zeroing that punched holes)
+// completed since the disk was opened. It cannot move while the disk is
+// suspended, which is what makes it evidence that nothing was written
+// after the suspension instant.
+func (d *Disk) WritesCompleted() uint64 { return d.writes.Load() }
+
 // Held is how many requests are waiting at the gate right now.
 func (d *Disk) Held() int64 { return d.held.Load() }
 
@@ -466,7 +480,62 @@ func (d *Disk) Grow(ctx context.Context, sizeBytes int64) error {
 		return fmt.Errorf("cryptodisk: resize: %w", err)
 	}
 	d.size.Store(sizeBytes)
+	// The LUKS2 data segment is dynamic (it runs to the end of the image),
+	// so the grown store is the resize. The size is also recorded in the
+	// token, in one atomic header write, for tools that read only headers.
+	if err := d.setPropertiesLocked(ctx, map[string]string{PropSizeBytes: strconv.FormatInt(sizeBytes, 10)}); err != nil {
+		return fmt.Errorf("cryptodisk: resize: %w", err)
+	}
 	return nil
+}
+
+// PropSizeBytes is the token property Grow records the data size in.
+const PropSizeBytes = "sizeBytes"
+
+// SetProperties merges props into the token's properties (an empty value
+// removes a key) and rewrites both header copies, one at a time with a sync
+// after each, so a crash leaves either the old or the new token.
+func (d *Disk) SetProperties(ctx context.Context, props map[string]string) error {
+	d.hmu.Lock()
+	defer d.hmu.Unlock()
+	return d.setPropertiesLocked(ctx, props)
+}
+
+func (d *Disk) setPropertiesLocked(ctx context.Context, props map[string]string) error {
+	tok := d.token
+	merged := make(map[string]string, len(tok.Properties)+len(props))
+	for k, v := range tok.Properties {
+		merged[k] = v
+	}
+	for k, v := range props {
+		if v == "" {
+			delete(merged, k)
+		} else {
+			merged[k] = v
+		}
+	}
+	tok.Properties = merged
+	if err := setToken(d.hdr, tok); err != nil {
+		return err
+	}
+	if err := d.hdr.Write(storeIO{ctx, d.store}, func() error { return d.store.Sync(ctx) }); err != nil {
+		return fmt.Errorf("cryptodisk: header: %w", err)
+	}
+	d.token = tok
+	return nil
+}
+
+// Barrier runs fn while no write, zero or trim is changing the store and no
+// header is being rewritten: the store then holds exactly the writes
+// acknowledged before Barrier was called, plus any that were admitted and
+// finished while it waited. Reads keep flowing. Writes arriving meanwhile
+// wait until fn returns, so fn should be quick (a reflink, a file copy).
+func (d *Disk) Barrier(fn func() error) error {
+	d.hmu.Lock()
+	defer d.hmu.Unlock()
+	d.wmu.Lock()
+	defer d.wmu.Unlock()
+	return fn()
 }
 
 func wipe(b []byte) { clear(b) }

@@ -87,7 +87,15 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 		return err
 	}
 	defer d.gmu.RUnlock()
-	return d.write(ctx, c, p, off, false)
+	d.wmu.RLock()
+	defer d.wmu.RUnlock()
+	if err := d.write(ctx, c, p, off, false); err != nil {
+		return err
+	}
+	// Counted while the gate is still held: Suspend cannot complete between
+	// the write and the count, so a suspended disk's count stands still.
+	d.writes.Add(1)
+	return nil
 }
 
 // write stores plaintext p (or zeros, if zeros is set, with p ignored) at
@@ -107,8 +115,8 @@ func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, z
 		body = p[bodyStart-off : bodyEnd-off]
 		c.EncryptSectors(body, body, int(ss), uint64(bodyStart/ss)*d.tweakStep, d.tweakStep)
 	}
-	unlock := d.lockRange(first, last, headPartial, tailPartial)
-	defer unlock()
+	locks := d.lockRange(first, last, headPartial, tailPartial)
+	defer locks.unlock()
 	if headPartial {
 		n := min(ss-off%ss, end-off)
 		if err := d.patchSector(ctx, c, first, off%ss, p[:n]); err != nil {
@@ -154,41 +162,62 @@ func (d *Disk) patchSector(ctx context.Context, c SectorCipher, sector, inner in
 // partial head or tail sector (its read-modify-write must not interleave
 // with any other write to that sector, or bytes outside either write would
 // be lost), shared for whole sectors. Stripes are taken in index order, so
-// two writers cannot deadlock.
-func (d *Disk) lockRange(first, last int64, headPartial, tailPartial bool) (unlock func()) {
-	var mode [nStripes]uint8 // 0 none, 1 shared, 2 exclusive
-	if last-first+1 >= nStripes {
-		for i := range mode {
-			mode[i] = 1
-		}
-	} else {
-		for s := first; s <= last; s++ {
-			mode[s%nStripes] = 1
-		}
+// two writers cannot deadlock. The result is a value, not a closure, so
+// that locking allocates nothing.
+func (d *Disk) lockRange(first, last int64, headPartial, tailPartial bool) stripeLock {
+	l := stripeLock{d: d, lo: 0, hi: nStripes - 1, head: -1, tail: -1}
+	if last-first+1 < nStripes {
+		l.lo, l.hi = int(first%nStripes), int(last%nStripes)
 	}
 	if headPartial {
-		mode[first%nStripes] = 2
+		l.head = int(first % nStripes)
 	}
 	if tailPartial {
-		mode[last%nStripes] = 2
+		l.tail = int(last % nStripes)
 	}
-	for i := range mode {
-		switch mode[i] {
-		case 1:
-			d.stripes[i].RLock()
-		case 2:
-			d.stripes[i].Lock()
+	if l.lo <= l.hi {
+		l.lock(l.lo, l.hi)
+	} else { // the range wraps around the stripes
+		l.lock(0, l.hi)
+		l.lock(l.lo, nStripes-1)
+	}
+	return l
+}
+
+// stripeLock is the set of stripes one request holds: lo..hi, or 0..hi and
+// lo..nStripes-1 when lo > hi; head and tail (-1 for none) exclusively.
+type stripeLock struct {
+	d          *Disk
+	lo, hi     int
+	head, tail int
+}
+
+func (l *stripeLock) lock(from, to int) {
+	for i := from; i <= to; i++ {
+		if i == l.head || i == l.tail {
+			l.d.stripes[i].Lock()
+		} else {
+			l.d.stripes[i].RLock()
 		}
 	}
-	return func() {
-		for i := range mode {
-			switch mode[i] {
-			case 1:
-				d.stripes[i].RUnlock()
-			case 2:
-				d.stripes[i].Unlock()
-			}
+}
+
+func (l *stripeLock) release(from, to int) {
+	for i := from; i <= to; i++ {
+		if i == l.head || i == l.tail {
+			l.d.stripes[i].Unlock()
+		} else {
+			l.d.stripes[i].RUnlock()
 		}
+	}
+}
+
+func (l *stripeLock) unlock() {
+	if l.lo <= l.hi {
+		l.release(l.lo, l.hi)
+	} else {
+		l.release(0, l.hi)
+		l.release(l.lo, nStripes-1)
 	}
 }
 
@@ -230,6 +259,8 @@ func (d *Disk) Zero(ctx context.Context, off, length int64, noHole, fast bool) e
 		return err
 	}
 	defer d.gmu.RUnlock()
+	d.wmu.RLock()
+	defer d.wmu.RUnlock()
 	ss := d.sectorSize
 	end := off + length
 	bodyStart := (off + ss - 1) / ss * ss
@@ -250,11 +281,12 @@ func (d *Disk) Zero(ctx context.Context, off, length int64, noHole, fast bool) e
 	if noHole {
 		return d.writeZeros(ctx, c, bodyStart, bodyEnd)
 	}
-	unlock := d.lockRange(bodyStart/ss, bodyEnd/ss-1, false, false)
-	defer unlock()
+	locks := d.lockRange(bodyStart/ss, bodyEnd/ss-1, false, false)
+	defer locks.unlock()
 	if err := d.store.Punch(ctx, d.dataOff+bodyStart, bodyEnd-bodyStart); err != nil {
 		return fmt.Errorf("cryptodisk: zero at %d: %w", bodyStart, err)
 	}
+	d.writes.Add(1)
 	return nil
 }
 
@@ -265,14 +297,14 @@ func (d *Disk) zeroPartial(ctx context.Context, c SectorCipher, off, end int64) 
 	for off < end {
 		sector := off / ss
 		n := min(ss-off%ss, end-off)
-		unlock := d.lockRange(sector, sector, true, true)
+		locks := d.lockRange(sector, sector, true, true)
 		var err error
 		if n == ss {
 			err = d.writeZeros(ctx, c, off, off+n)
 		} else {
 			err = d.patchZero(ctx, c, sector, off%ss, n)
 		}
-		unlock()
+		locks.unlock()
 		if err != nil {
 			return err
 		}

@@ -167,6 +167,9 @@ type daemonOpts struct {
 	DemoSize string // --demo-size; default 64M
 	Disks    []diskSpec
 	TCP      bool // also listen on 127.0.0.1:0
+	// Extra flags for cryptnbd serve (and Env for its environment).
+	Extra []string
+	Env   []string
 }
 
 // testDaemon is one cryptnbd serve process and its data directory. Its
@@ -276,7 +279,9 @@ func (d *testDaemon) Start() {
 		}
 		args = append(args, "--demo-disk", d.opts.Demo, "--demo-size", size)
 	}
+	args = append(args, d.opts.Extra...)
 	cmd := exec.Command(cryptnbdBin, args...)
+	cmd.Env = append(os.Environ(), d.opts.Env...)
 	cmd.Stdout = io.Discard
 	pr, pw := io.Pipe()
 	cmd.Stderr = pw

@@ -88,19 +88,24 @@ type entry struct {
 
 // DiskInfo is a disk as the API and `disk show -o json` present it.
 type DiskInfo struct {
-	Name           string            `json:"name"`
-	SizeBytes      int64             `json:"sizeBytes"`
-	SectorSize     int               `json:"sectorSize"`
-	EncryptionType string            `json:"encryptionType"`
-	KeyProvider    string            `json:"keyProvider"`
-	KeyID          string            `json:"keyId"`
-	State          string            `json:"state"`
-	StateReason    string            `json:"stateReason,omitempty"`
-	Path           string            `json:"path"`
-	ExportName     string            `json:"exportName"`
-	UUID           string            `json:"uuid"`
-	Connections    int64             `json:"connections"`
-	Cipher         string            `json:"cipher"`
+	Name           string `json:"name"`
+	SizeBytes      int64  `json:"sizeBytes"`
+	SectorSize     int    `json:"sectorSize"`
+	EncryptionType string `json:"encryptionType"`
+	KeyProvider    string `json:"keyProvider"`
+	KeyID          string `json:"keyId"`
+	State          string `json:"state"`
+	StateReason    string `json:"stateReason,omitempty"`
+	Path           string `json:"path"`
+	ExportName     string `json:"exportName"`
+	UUID           string `json:"uuid"`
+	Connections    int64  `json:"connections"`
+	Cipher         string `json:"cipher"`
+	// WritesCompleted counts writes completed since the disk was opened; it
+	// stands still while the disk is suspended.
+	WritesCompleted uint64 `json:"writesCompleted"`
+	// SuspendedSince is when the current suspension began.
+	SuspendedSince *time.Time        `json:"suspendedSince,omitempty"`
 	Properties     map[string]string `json:"properties,omitempty"`
 }
 
@@ -389,8 +394,12 @@ func (m *Manager) infoLocked(e *entry) DiskInfo {
 	tok := e.disk.Token()
 	di.KeyProvider, di.KeyID = tok.Provider, tok.KeyID
 	di.SizeBytes = e.disk.Size()
-	st, reason, _ := e.disk.State()
+	st, reason, since := e.disk.State()
 	di.State, di.StateReason = string(st), reason
+	di.WritesCompleted = e.disk.WritesCompleted()
+	if st == cryptodisk.StateSuspended {
+		di.SuspendedSince = &since
+	}
 	return di
 }
 

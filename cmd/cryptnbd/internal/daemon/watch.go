@@ -24,16 +24,21 @@ type diskTarget struct {
 
 func (t diskTarget) Suspend(reason string) {
 	t.disk.Suspend(reason)
-	t.m.cfg.Audit.Record(AuditEvent{Event: "suspend", Disk: t.name, KeyID: t.disk.Token().KeyID, Principal: t.principal, Detail: reason})
+	t.m.cfg.Audit.Record(AuditEvent{Event: "suspend", Disk: t.name, KeyID: t.disk.Token().KeyID, Principal: t.principal,
+		Detail: fmt.Sprintf("reason=%s writesCompleted=%d", reason, t.disk.WritesCompleted())})
 }
 
 func (t diskTarget) Resume(ctx context.Context) error {
+	before := t.disk.WritesCompleted()
 	start := time.Now()
 	err := t.disk.Resume(ctx, t.kv)
 	kid := t.disk.Token().KeyID
 	t.m.cfg.Audit.timed("unwrap", t.name, kid, t.principal, start, err)
 	if err == nil {
-		t.m.cfg.Audit.Record(AuditEvent{Event: "resume", Disk: t.name, KeyID: kid, Principal: t.principal})
+		// The count is read before the gate opens again, so it is the
+		// count at the end of the suspension.
+		t.m.cfg.Audit.Record(AuditEvent{Event: "resume", Disk: t.name, KeyID: kid, Principal: t.principal,
+			Detail: fmt.Sprintf("writesCompleted=%d", before)})
 	}
 	return err
 }
