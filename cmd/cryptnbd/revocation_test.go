@@ -194,7 +194,7 @@ func backgroundFio(t *testing.T, uri string) (wait func() []fioJob) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	cmd := exec.CommandContext(ctx, "fio", "--name=drill", "--ioengine=nbd", "--uri="+uri,
 		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M", "--rate_iops=1000",
-		"--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1", "--do_verify=1",
+		"--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
 		"--output-format=json", "--output="+out)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
