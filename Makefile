@@ -6,10 +6,13 @@ BIN       := bin/cryptnbd
 DATA_DIR  ?= $(CURDIR)/.cryptnbd
 FUZZTIME  ?= 10s
 # Debian packages the interop tests drive: real NBD clients, cryptsetup for
-# the LUKS2 checks, python3-cryptography for the independent XTS decryption.
+# the LUKS2 checks, python3-cryptography for the independent XTS decryption,
+# promtool (prometheus) and systemd-analyze (systemd) for the deploy/ checks.
 TEST_PKGS := libnbd-bin nbdfuse qemu-utils fio cryptsetup-bin nbdkit \
-             python3-cryptography python3-libnbd e2fsprogs fuse3 util-linux
-TEST_CMDS := nbdinfo nbdcopy nbdsh nbdfuse qemu-io qemu-img fio cryptsetup nbdkit mkfs.ext4 fusermount3
+             python3-cryptography python3-libnbd e2fsprogs fuse3 util-linux \
+             prometheus systemd
+TEST_CMDS := nbdinfo nbdcopy nbdsh nbdfuse qemu-io qemu-img fio cryptsetup nbdkit mkfs.ext4 fusermount3 \
+             promtool systemd-analyze
 
 .PHONY: all build run test test-deps vet unit fuzz bench clean
 
