@@ -49,6 +49,7 @@ unit:
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzServe$$' -fuzztime $(FUZZTIME) ./nbd
 	$(GO) test -run '^$$' -fuzz '^FuzzParseHeader$$' -fuzztime $(FUZZTIME) ./cryptodisk/luks2
+	$(GO) test -run '^$$' -fuzz '^FuzzXTSDifferential$$' -fuzztime $(FUZZTIME) ./cryptodisk/xts
 
 clean:
 	rm -rf bin
