@@ -87,7 +87,8 @@ type env struct {
 	cat  *nbdtest.Catalog
 	disk *nbdtest.Mem
 	ro   *nbdtest.Mem
-	sock string
+	sock string // Unix socket, or "" when tcp is set
+	tcp  string // host:port when listening on TCP
 	done chan error
 }
 
@@ -121,13 +122,29 @@ func newEnv(t testing.TB, o nbd.Options) *env {
 
 func (e *env) start(t testing.TB, o nbd.Options) {
 	t.Helper()
-	if o.Logger == nil {
-		o.Logger = testLogger(t)
-	}
 	e.sock = filepath.Join(shortTempDir(t), "s")
 	l, err := net.Listen("unix", e.sock)
 	if err != nil {
 		t.Fatal(err)
+	}
+	e.serve(t, l, o)
+}
+
+// startTCP starts the server on a loopback TCP port.
+func (e *env) startTCP(t testing.TB, o nbd.Options) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.tcp = l.Addr().String()
+	e.serve(t, l, o)
+}
+
+func (e *env) serve(t testing.TB, l net.Listener, o nbd.Options) {
+	t.Helper()
+	if o.Logger == nil {
+		o.Logger = testLogger(t)
 	}
 	e.srv = nbd.NewServer(e.cat, o)
 	e.done = make(chan error, 1)
@@ -152,6 +169,14 @@ func (e *env) waitReleased(t testing.TB) {
 	}
 }
 
+// dialRaw connects to the server.
+func (e *env) dialRaw() (net.Conn, error) {
+	if e.tcp != "" {
+		return net.Dial("tcp", e.tcp)
+	}
+	return net.Dial("unix", e.sock)
+}
+
 // client is a minimal raw NBD client for tests.
 type client struct {
 	t          testing.TB
@@ -164,7 +189,7 @@ type client struct {
 
 func (e *env) dial(t testing.TB) *client {
 	t.Helper()
-	nc, err := net.Dial("unix", e.sock)
+	nc, err := e.dialRaw()
 	if err != nil {
 		t.Fatal(err)
 	}
