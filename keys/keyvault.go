@@ -207,20 +207,27 @@ func (k *KeyVault) Name() string { return KeyVaultName }
 // KeyURL is the configured key URL (normalised).
 func (k *KeyVault) KeyURL() string { return k.keyURL }
 
-// Current is the versioned kid Wrap uses, or the versionless key URL while
-// Wrap follows the vault's latest version.
+// Current is the versioned kid Wrap uses, or "" while Wrap follows the
+// version the vault calls latest (a key URL without a version and no
+// SetCurrent yet).
 func (k *KeyVault) Current() string {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if k.current == "" {
-		return k.keyURL
-	}
 	return k.current
+}
+
+// wrapKeyURL is the key URL Wrap uses: Current, or the versionless key URL.
+func (k *KeyVault) wrapKeyURL() string {
+	if cur := k.Current(); cur != "" {
+		return cur
+	}
+	return k.keyURL
 }
 
 // SetCurrent makes kid, a versioned key id in this vault (e.g. the Latest
 // that Status or the watcher reported), the version new wraps use.
-// Wrap reports an error if kid is not usable.
+// SetCurrent("") goes back to the vault's latest version. Wrap reports an
+// error if kid is not usable.
 func (k *KeyVault) SetCurrent(kid string) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -276,7 +283,7 @@ func (k *KeyVault) call(ctx context.Context, op, kid string, f func(ctx context.
 // SetCurrent) and returns the versioned kid the vault reports. aad is
 // ignored: RSA has none, and the disk's check value covers swapped secrets.
 func (k *KeyVault) Wrap(ctx context.Context, secret, aad []byte) (string, string, []byte, error) {
-	cur := k.Current()
+	cur := k.wrapKeyURL()
 	r, err := k.ref(cur, false)
 	if err != nil {
 		return "", "", nil, fmt.Errorf("keys: key vault wrap: current key: %w", err)

@@ -7,6 +7,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha1"
 	"errors"
+	"fmt"
 	"math/big"
 	"net/http"
 	"net/http/httptest"
@@ -157,7 +158,7 @@ func TestNewKeyVaultValidatesURL(t *testing.T) {
 	if got, want := k.KeyURL(), "https://v.vault.azure.net/keys/k"; got != want {
 		t.Errorf("KeyURL() = %q, want %q", got, want)
 	}
-	if got, want := k.Current(), "https://v.vault.azure.net/keys/k"; got != want {
+	if got, want := k.Current(), ""; got != want {
 		t.Errorf("Current() = %q, want %q", got, want)
 	}
 	if k.Name() != keys.KeyVaultName {
@@ -656,5 +657,51 @@ func TestValidateNoPurgeProtection(t *testing.T) {
 	}
 	if got.RecoveryLevel != "Recoverable+Purgeable" || !got.CanUnwrap {
 		t.Errorf("Validate = %+v", *got)
+	}
+}
+
+func TestKeyVaultObserve(t *testing.T) {
+	t.Parallel()
+	v := startVault(t, true)
+	des := v.in.NewPrincipal(t, "des", desPermissions...)
+	kid := v.createKey(t, "kek", 2048)
+	type obs struct {
+		op     string
+		status int
+	}
+	var mu sync.Mutex
+	var got []obs
+	k := v.provider(t, v.in.URL+"/keys/kek", des.ObjectID, func(o *keys.KeyVaultOptions) {
+		o.Observe = func(op string, status int, d time.Duration) {
+			mu.Lock()
+			defer mu.Unlock()
+			got = append(got, obs{op, status})
+		}
+	})
+	ctx := context.Background()
+	_, alg, wrapped, err := k.Wrap(ctx, randBytes(32), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := k.Unwrap(ctx, kid, alg, wrapped, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := k.Status(ctx, kid); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.in.Admin.SetOutage(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	k.Unwrap(ctx, kid, alg, wrapped, nil)
+	if err := v.in.Admin.SetOutage(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	// The DES identity may not list versions (403) and falls back to a
+	// GET of the latest version.
+	want := []obs{{"wrapKey", 200}, {"unwrapKey", 200}, {"get", 200}, {"versions", 403}, {"getLatest", 200}, {"unwrapKey", 503}}
+	mu.Lock()
+	defer mu.Unlock()
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("Observe saw %v, want %v", got, want)
 	}
 }

@@ -38,7 +38,7 @@ type access struct {
 // locally so unwrapKey is still tested.
 func (k *KeyVault) tryAccess(ctx context.Context) access {
 	var a access
-	cur := k.Current()
+	cur := k.wrapKeyURL()
 	r, err := k.ref(cur, false)
 	if err != nil {
 		a.getErr, a.wrapErr, a.unwrapErr = err, err, err
@@ -132,7 +132,7 @@ func (k *KeyVault) Validate(ctx context.Context, principalID string) (*Validatio
 	var problems []string
 	kid := a.info.kid
 	if kid == "" {
-		kid = k.Current()
+		kid = k.wrapKeyURL()
 	}
 	disabled := false
 	if a.getErr == nil {
