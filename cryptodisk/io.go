@@ -19,6 +19,16 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 	defer d.gmu.RUnlock()
 	ss := d.sectorSize
 	end := off + int64(len(p))
+	if end == off {
+		return nil
+	}
+	// A shared hold on the stripes keeps a partial-sector read-modify-write
+	// of another request out of these sectors while they are read: a store
+	// need not make a read atomic against a concurrent write, and a sector
+	// caught half-written from a hole would decrypt to garbage, even in
+	// bytes the writer did not touch.
+	locks := d.lockRange(off/ss, (end-1)/ss, false, false)
+	defer locks.unlock()
 	// Head and tail sectors only partly wanted go through a bounce buffer;
 	// the aligned body is read and decrypted in place in p.
 	for off < end {
@@ -161,7 +171,7 @@ func (d *Disk) patchSector(ctx context.Context, c SectorCipher, sector, inner in
 // lockRange locks the stripes of sectors first..last: exclusively for a
 // partial head or tail sector (its read-modify-write must not interleave
 // with any other write to that sector, or bytes outside either write would
-// be lost), shared for whole sectors. Stripes are taken in index order, so
+// be lost, nor with a read of it), shared for whole sectors and reads. Stripes are taken in index order, so
 // two writers cannot deadlock. The result is a value, not a closure, so
 // that locking allocates nothing.
 func (d *Disk) lockRange(first, last int64, headPartial, tailPartial bool) stripeLock {
