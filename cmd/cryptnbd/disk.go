@@ -12,6 +12,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -25,6 +26,9 @@ func connect(ctx context.Context, dataDir string, vault *daemon.VaultConfig) (*d
 	sock := daemon.APISocket(dataDir)
 	if c, ok := dial(sock); ok {
 		return c, func() {}, nil
+	}
+	if socketDenied(sock) {
+		return nil, nil, fmt.Errorf("permission denied on %s: run as the daemon's user or root, or as a member of its --admin-group", sock)
 	}
 	if vault != nil {
 		if err := vault.Init(); err != nil {
@@ -49,6 +53,13 @@ func dial(sock string) (*daemon.Client, bool) {
 	}
 	c.Close()
 	return daemon.NewClient(sock), true
+}
+
+// socketDenied reports a management socket that exists but that this user
+// may not open, which must not be mistaken for "no daemon running".
+func socketDenied(sock string) bool {
+	_, err := net.DialTimeout("unix", sock, 2*time.Second)
+	return errors.Is(err, syscall.EACCES) || errors.Is(err, os.ErrPermission)
 }
 
 func outputFlag(fs *flag.FlagSet) *string {

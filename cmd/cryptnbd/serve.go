@@ -25,6 +25,7 @@ func cmdServe(ctx context.Context, args []string) error {
 	probeEvery := fs.Duration("key-probe-interval", 5*time.Minute, "how often each key version gets a real unwrap, which alone catches a removed unwrapKey permission")
 	grace := fs.Duration("key-grace", time.Hour, "how long disks keep serving with their cached key while Key Vault is unreachable, before failing closed")
 	strictExpiry := fs.Bool("suspend-on-expiry", false, "suspend disks whose key has expired (Key Vault still unwraps expired keys; by default expiry only alerts)")
+	adminGroup := fs.String("admin-group", "", "group whose members may use the management API (api.sock) besides the daemon's user and root")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "auto", "auto (text on a terminal, JSON otherwise), text or json")
 	pos, err := parse(fs, args)
@@ -57,7 +58,7 @@ func cmdServe(ctx context.Context, args []string) error {
 		return err
 	}
 	return daemon.Run(ctx, daemon.ServeConfig{
-		Vault:   vault,
+		Vault: vault, AdminGroup: *adminGroup,
 		Watch:   keys.WatcherOptions{Interval: *checkEvery, ProbeInterval: *probeEvery, Grace: *grace, SuspendOnExpiry: *strictExpiry},
 		DataDir: *dataDir, Listen: *listen, Unix: *unixPath, MetricsListen: *metrics,
 		DemoDisk: *demo, DemoSize: size, SuspendHold: *hold, Logger: log,

@@ -40,6 +40,9 @@ type ServeConfig struct {
 	Vault *VaultConfig
 	// Watch configures the revocation watcher.
 	Watch keys.WatcherOptions
+	// AdminGroup may use the management API besides the daemon's user and
+	// root; the socket is then group-accessible. Empty for none.
+	AdminGroup string
 }
 
 // StateOptions open a data directory.
@@ -199,12 +202,32 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 	if len(nbdLs) == 0 {
 		return errors.New("nothing to serve on: give --listen or --unix")
 	}
+	policy, err := NewPeerPolicy(cfg.AdminGroup)
+	if err != nil {
+		return err
+	}
 	apiPath := APISocket(cfg.DataDir)
 	apiL, err := listen("unix", apiPath)
 	if err != nil {
 		return err
 	}
-	if err := os.Chmod(apiPath, 0o600); err != nil {
+	// The mode keeps everyone else from connecting at all; the peer check
+	// on each request is the second line, and names who was refused.
+	mode := os.FileMode(0o600)
+	if policy.AdminGID >= 0 {
+		mode = 0o660
+		if err := os.Chown(apiPath, -1, int(policy.AdminGID)); err != nil {
+			return fmt.Errorf("api socket: %w", err)
+		}
+		// The data directory must let the group reach the socket.
+		if err := os.Chmod(cfg.DataDir, 0o710); err != nil {
+			return fmt.Errorf("data dir: %w", err)
+		}
+		if err := os.Chown(cfg.DataDir, -1, int(policy.AdminGID)); err != nil {
+			return fmt.Errorf("data dir: %w", err)
+		}
+	}
+	if err := os.Chmod(apiPath, mode); err != nil {
 		return fmt.Errorf("api socket: %w", err)
 	}
 	addrs.API = apiPath
@@ -219,7 +242,8 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 	}
 
 	srv := nbd.NewServer(st.Manager, nbd.Options{Logger: log})
-	apiSrv := &http.Server{Handler: NewAPI(st.Manager, st.AuditPath()), ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	apiSrv := &http.Server{Handler: requirePeer(policy, st.Audit, NewAPI(st.Manager, st.AuditPath())),
+		ConnContext: connContext, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	var metricsSrv *http.Server
 	if metricsL != nil {
 		metricsSrv = &http.Server{Handler: metricsHandler(st.Manager), ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
