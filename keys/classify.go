@@ -19,8 +19,10 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 )
 
-// ErrRevoked matches (errors.Is) every error that Classify puts in
+// ErrRevoked matches (errors.Is) every *VaultError that Classify puts in
 // ClassRevoked: the customer took the key, or our access to it, away.
+// Classify also counts the platform provider's ErrKeyDisabled and
+// ErrKeyNotFound as revoked.
 var ErrRevoked = errors.New("keys: key access revoked")
 
 // errSDKPanic marks an SDK call that panicked (a malformed challenge header
