@@ -51,5 +51,11 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseHeader$$' -fuzztime $(FUZZTIME) ./cryptodisk/luks2
 	$(GO) test -run '^$$' -fuzz '^FuzzXTSDifferential$$' -fuzztime $(FUZZTIME) ./cryptodisk/xts
 
+# cryptnbd against nbdkit, qemu-nbd and nbd-server (plain and LUKS) over
+# fio and nbdcopy; installs the peers if missing. QUICK=1 for a ~2-minute
+# smoke run; SIZE, ROUNDS, RUNTIME, TMPFS, SERVERS: see bench/README.md.
+bench:
+	GO=$(GO) bench/run.sh
+
 clean:
 	rm -rf bin

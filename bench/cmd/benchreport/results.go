@@ -1,0 +1,186 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// Run is one timed workload against one server in one round, as recorded
+// in raw/runs.tsv by bench/run.sh, completed from its fio JSON.
+type Run struct {
+	Round    int
+	Server   string
+	Workload string
+	WallS    float64 // wall-clock seconds of the whole client run
+	CPUS     float64 // server CPU seconds (user+system) over the run
+	Bytes    int64   // bytes moved, both directions
+	Exit     int     // client exit status; non-zero runs are left out
+	Load1    string  // 1-minute load average when the run started
+
+	MiBps float64 // throughput
+	IOPS  float64 // 0 for nbdcopy runs
+	P99us float64 // 99th percentile latency in µs, 0 for nbdcopy runs
+}
+
+// OK reports whether the run finished and moved data.
+func (r Run) OK() bool { return r.Exit == 0 && r.Bytes > 0 && r.MiBps > 0 }
+
+// CPUPerGiB is server CPU seconds per GiB moved.
+func (r Run) CPUPerGiB() float64 {
+	if r.Bytes == 0 {
+		return 0
+	}
+	return r.CPUS / (float64(r.Bytes) / (1 << 30))
+}
+
+// loadRuns reads dir/raw/runs.tsv and the fio JSON files it names.
+func loadRuns(dir string) ([]Run, error) {
+	raw := filepath.Join(dir, "raw")
+	f, err := os.Open(filepath.Join(raw, "runs.tsv"))
+	if err != nil {
+		return nil, fmt.Errorf("benchreport: %w", err)
+	}
+	defer f.Close()
+	var runs []Run
+	sc := bufio.NewScanner(f)
+	for line := 1; sc.Scan(); line++ {
+		if line == 1 || strings.TrimSpace(sc.Text()) == "" {
+			continue // header
+		}
+		r, jsonName, err := parseRunLine(sc.Text())
+		if err != nil {
+			return nil, fmt.Errorf("benchreport: runs.tsv line %d: %w", line, err)
+		}
+		if jsonName != "-" && r.Exit == 0 {
+			fr, err := readFioFile(filepath.Join(raw, jsonName))
+			if err != nil {
+				return nil, fmt.Errorf("benchreport: %w", err)
+			}
+			r.Bytes, r.MiBps, r.IOPS, r.P99us = fr.Bytes, fr.MiBps, fr.IOPS, fr.P99us
+		} else if r.WallS > 0 {
+			r.MiBps = float64(r.Bytes) / (1 << 20) / r.WallS
+		}
+		runs = append(runs, r)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("benchreport: %w", err)
+	}
+	return runs, nil
+}
+
+// parseRunLine parses round, server, workload, wall_s, cpu_s, bytes,
+// fio_json, exit and load1, tab-separated.
+func parseRunLine(s string) (Run, string, error) {
+	f := strings.Split(s, "\t")
+	if len(f) != 9 {
+		return Run{}, "", fmt.Errorf("%d fields, want 9", len(f))
+	}
+	var (
+		r    = Run{Server: f[1], Workload: f[2], Load1: f[8]}
+		errs []error
+		err  error
+	)
+	r.Round, err = strconv.Atoi(f[0])
+	errs = append(errs, err)
+	r.WallS, err = strconv.ParseFloat(f[3], 64)
+	errs = append(errs, err)
+	r.CPUS, err = strconv.ParseFloat(f[4], 64)
+	errs = append(errs, err)
+	r.Bytes, err = strconv.ParseInt(f[5], 10, 64)
+	errs = append(errs, err)
+	r.Exit, err = strconv.Atoi(f[7])
+	errs = append(errs, err)
+	for _, err := range errs {
+		if err != nil {
+			return Run{}, "", err
+		}
+	}
+	return r, f[6], nil
+}
+
+// fioResult is what the report takes from one fio JSON output.
+type fioResult struct {
+	Bytes              int64
+	MiBps, IOPS, P99us float64
+}
+
+type fioDir struct {
+	IOBytes int64   `json:"io_bytes"`
+	BWBytes float64 `json:"bw_bytes"`
+	IOPS    float64 `json:"iops"`
+	LatNS   fioLat  `json:"lat_ns"`
+	ClatNS  fioLat  `json:"clat_ns"`
+}
+
+type fioLat struct {
+	Percentile map[string]float64 `json:"percentile"`
+}
+
+func (d fioDir) p99ns() float64 {
+	if v, ok := d.LatNS.Percentile["99.000000"]; ok {
+		return v
+	}
+	return d.ClatNS.Percentile["99.000000"]
+}
+
+func readFioFile(path string) (fioResult, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fioResult{}, err
+	}
+	r, err := parseFio(bytes.NewReader(b))
+	if err != nil {
+		return fioResult{}, fmt.Errorf("%s: %w", filepath.Base(path), err)
+	}
+	return r, nil
+}
+
+// parseFio sums throughput and IOPS over fio's jobs and both directions and
+// takes the worst p99 latency of any direction that did I/O. Anything
+// before the first '{' (fio's nbd engine may print a line) is skipped.
+func parseFio(rd io.Reader) (fioResult, error) {
+	b, err := io.ReadAll(rd)
+	if err != nil {
+		return fioResult{}, err
+	}
+	i := bytes.IndexByte(b, '{')
+	if i < 0 {
+		return fioResult{}, fmt.Errorf("no JSON object")
+	}
+	var out struct {
+		Jobs []struct {
+			Error int    `json:"error"`
+			Read  fioDir `json:"read"`
+			Write fioDir `json:"write"`
+		} `json:"jobs"`
+	}
+	if err := json.Unmarshal(b[i:], &out); err != nil {
+		return fioResult{}, err
+	}
+	if len(out.Jobs) == 0 {
+		return fioResult{}, fmt.Errorf("no jobs")
+	}
+	var r fioResult
+	for _, j := range out.Jobs {
+		if j.Error != 0 {
+			return fioResult{}, fmt.Errorf("fio job error %d", j.Error)
+		}
+		for _, d := range []fioDir{j.Read, j.Write} {
+			if d.IOBytes == 0 {
+				continue
+			}
+			r.Bytes += d.IOBytes
+			r.MiBps += d.BWBytes / (1 << 20)
+			r.IOPS += d.IOPS
+			r.P99us = max(r.P99us, d.p99ns()/1000)
+		}
+	}
+	return r, nil
+}
