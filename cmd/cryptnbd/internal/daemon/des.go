@@ -136,7 +136,7 @@ func (m *Manager) newKeyVault(rec DESRecord) (*keys.KeyVault, error) {
 	kv, err := keys.NewKeyVault(keys.KeyVaultOptions{
 		KeyURL: rec.KeyURL, Credential: cred, ClientOptions: m.cfg.Vault.ClientOptions(),
 		AllowNonAzureHost: m.cfg.Vault.AllowNonAzure(vaultURL),
-		Logger:            m.log.With("des", rec.Name), Observe: m.cfg.ObserveVault,
+		Logger:            m.log.With("des", rec.Name), Observe: m.vaultObserver(rec.KeyURL),
 	})
 	if err != nil {
 		return nil, err
@@ -276,6 +276,12 @@ func (m *Manager) ListDES() []DESInfo {
 func (m *Manager) disksOfLocked(des string) []string {
 	out := []string{}
 	for _, e := range m.disks {
+		if e.info != nil && e.info.Token.Properties["des"] == des {
+			out = append(out, e.name)
+		}
+	}
+	// Snapshots need the set's key too.
+	for _, e := range m.snaps {
 		if e.info != nil && e.info.Token.Properties["des"] == des {
 			out = append(out, e.name)
 		}

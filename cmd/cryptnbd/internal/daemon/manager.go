@@ -16,6 +16,7 @@ import (
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
 	"github.com/cryptnbd/cryptnbd/cryptodisk/filestore"
 	"github.com/cryptnbd/cryptnbd/keys"
+	"github.com/cryptnbd/cryptnbd/metrics"
 	"github.com/cryptnbd/cryptnbd/nbd"
 )
 
@@ -58,8 +59,8 @@ type Config struct {
 	Vault *VaultConfig
 	// Watch configures the revocation watcher of customer-managed keys.
 	Watch keys.WatcherOptions
-	// ObserveVault is told about every Key Vault request (for metrics).
-	ObserveVault func(op string, status int, d time.Duration)
+	// Metrics receives I/O, connection, key and state figures; nil for none.
+	Metrics *metrics.Metrics
 }
 
 // Manager owns the disks in a data directory. Safe for concurrent use.
@@ -69,6 +70,7 @@ type Manager struct {
 
 	mu      sync.Mutex
 	disks   map[string]*entry
+	snaps   map[string]*entry // snapshots by DISK@SNAP; see snapshot.go
 	des     map[string]*desEntry
 	watcher *keys.Watcher
 }
@@ -107,6 +109,9 @@ type DiskInfo struct {
 	// SuspendedSince is when the current suspension began.
 	SuspendedSince *time.Time        `json:"suspendedSince,omitempty"`
 	Properties     map[string]string `json:"properties,omitempty"`
+	// SharesVolumeKeyWith names the disks and snapshots made by copying this
+	// image (or that it was copied from): they hold the same volume key.
+	SharesVolumeKeyWith []string `json:"sharesVolumeKeyWith,omitempty"`
 }
 
 // CreateRequest is the body of a disk creation.
@@ -117,6 +122,10 @@ type CreateRequest struct {
 	EncryptionType string `json:"encryptionType,omitempty"`
 	// DES is the disk encryption set of a customer-key disk.
 	DES string `json:"des,omitempty"`
+	// Source is a snapshot, DISK@SNAP, to copy; see createFromSnapshot.
+	Source string `json:"source,omitempty"`
+	// Reencrypt gives a disk made from Source its own volume key.
+	Reencrypt bool `json:"reencrypt,omitempty"`
 }
 
 // NewManager opens every disk in cfg.DataDir. A disk that cannot be opened
@@ -132,6 +141,16 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	m := &Manager{cfg: cfg, log: cfg.Logger, disks: map[string]*entry{}, des: map[string]*desEntry{}}
 	wo := cfg.Watch
 	wo.Logger = cfg.Logger
+	userEvent := wo.OnEvent
+	wo.OnEvent = func(ev keys.WatchEvent) {
+		if mx := cfg.Metrics; mx != nil {
+			vault, key := vaultKeyOf(ev.KeyID)
+			mx.KeyEvent(vault, key, ev.Kind, ev.Reason, ev.GraceRemaining, ev.Err)
+		}
+		if userEvent != nil {
+			userEvent(ev)
+		}
+	}
 	userNew := wo.OnNewVersion
 	wo.OnNewVersion = func(kid, latest string) {
 		m.onNewVersion(kid, latest)
@@ -174,6 +193,9 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 			m.watchLocked(e, e.info.Token.Properties["des"], m.des[e.info.Token.Properties["des"]].kv)
 		}
 	}
+	if err := m.loadSnapshots(ctx); err != nil {
+		return nil, err
+	}
 	return m, nil
 }
 
@@ -195,6 +217,9 @@ func (m *Manager) openDisk(ctx context.Context, name, path string) (*cryptodisk.
 	start := time.Now()
 	d, err := cryptodisk.Open(ctx, store, p, m.diskOptions(name))
 	m.cfg.Audit.timed("unwrap", name, info.Token.KeyID, principal, start, err)
+	if err == nil {
+		m.dekUnwrapped(info.Token.KeyID)
+	}
 	if err != nil {
 		store.Close()
 		return nil, info, err
@@ -239,6 +264,9 @@ func (m *Manager) providerFor(tok cryptodisk.Token) (keys.Provider, string, erro
 // Create makes a new disk. It is written under a temporary name and renamed
 // into place, so a crash never leaves a half-made disk visible.
 func (m *Manager) Create(ctx context.Context, r CreateRequest) (DiskInfo, error) {
+	if r.Source != "" || r.Reencrypt {
+		return m.createFromSnapshot(ctx, r, nil)
+	}
 	if err := ValidateName(r.Name); err != nil {
 		return DiskInfo{}, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
@@ -384,6 +412,7 @@ func (m *Manager) infoLocked(e *entry) DiskInfo {
 		di.Properties = tok.Properties
 		di.SizeBytes = e.info.SizeBytes
 	}
+	di.SharesVolumeKeyWith = m.sharersLocked(e)
 	if e.disk == nil {
 		di.State = "Unavailable"
 		if e.openErr != nil {
@@ -416,6 +445,10 @@ func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 		m.mu.Unlock()
 		return fmt.Errorf("%w: %s has %d; disconnect them or use --force", ErrInUse, name, n)
 	}
+	if snaps := m.snapshotsOfLocked(name); len(snaps) > 0 && !force {
+		m.mu.Unlock()
+		return fmt.Errorf("%w: %s has snapshots (%s), which hold the same volume key: shredding the disk would not make their data unreadable; delete them first, or use --force to keep them", ErrInUse, name, strings.Join(snaps, ", "))
+	}
 	delete(m.disks, name)
 	if e.stopWatch != nil {
 		e.stopWatch()
@@ -426,6 +459,9 @@ func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 	}
 	if err := shred(ctx, e.path); err != nil {
 		return fmt.Errorf("daemon: delete %s: %w", name, err)
+	}
+	if mx := m.cfg.Metrics; mx != nil {
+		mx.ForgetDisk(name)
 	}
 	m.cfg.Audit.Record(AuditEvent{Event: "delete", Disk: name})
 	m.log.Info("disk deleted", "disk", name)
@@ -495,6 +531,7 @@ func (m *Manager) Close(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("close %s: %w", e.name, err))
 		}
 	}
+	errs = append(errs, m.closeSnapshotsLocked())
 	return errors.Join(errs...)
 }
 
@@ -502,16 +539,31 @@ func (m *Manager) Close(ctx context.Context) error {
 func (m *Manager) Export(_ context.Context, name string) (*nbd.Export, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if strings.Contains(name, "@") {
+		return m.exportSnapshotLocked(name)
+	}
 	e, ok := m.disks[name]
 	if !ok || e.disk == nil {
 		return nil, fmt.Errorf("%w: %q", nbd.ErrUnknownExport, name)
 	}
 	e.conns.Add(1)
+	var backend nbd.Backend = e.disk
+	if mx := m.cfg.Metrics; mx != nil {
+		backend = mx.WrapBackend(name, e.disk)
+		mx.ConnOpened(name)
+	}
 	var once sync.Once
 	return &nbd.Export{
 		ExportInfo: m.exportInfoLocked(e),
-		Backend:    e.disk,
-		Release:    func() { once.Do(func() { e.conns.Add(-1) }) },
+		Backend:    backend,
+		Release: func() {
+			once.Do(func() {
+				e.conns.Add(-1)
+				if mx := m.cfg.Metrics; mx != nil {
+					mx.ConnClosed(name)
+				}
+			})
+		},
 	}, nil
 }
 
@@ -525,6 +577,7 @@ func (m *Manager) Exports(context.Context) ([]nbd.ExportInfo, error) {
 			out = append(out, m.exportInfoLocked(e))
 		}
 	}
+	out = append(out, m.snapshotExportsLocked()...)
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil
 }

@@ -13,12 +13,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
 	"github.com/cryptnbd/cryptnbd/keys"
+	"github.com/cryptnbd/cryptnbd/metrics"
 	"github.com/cryptnbd/cryptnbd/nbd"
 )
 
@@ -53,6 +50,8 @@ type StateOptions struct {
 	PBKDFIterations int
 	Vault           *VaultConfig
 	Watch           keys.WatcherOptions
+	// Metrics, if set, is fed by the disks, connections and key checks.
+	Metrics *metrics.Metrics
 }
 
 // Addrs are the bound addresses, for callers that asked for port 0.
@@ -106,7 +105,7 @@ func OpenState(ctx context.Context, o StateOptions) (*State, error) {
 	st.Manager, err = NewManager(ctx, Config{
 		DataDir: dataDir, Logger: log, Audit: st.Audit, Disk: o.Disk, PBKDFIterations: o.PBKDFIterations,
 		Providers: map[string]keys.Provider{keys.PlatformName: st.Platform},
-		Vault:     o.Vault, Watch: o.Watch,
+		Vault:     o.Vault, Watch: o.Watch, Metrics: o.Metrics,
 	})
 	if err != nil {
 		st.Close(ctx)
@@ -144,8 +143,12 @@ func APISocket(dataDir string) string { return filepath.Join(dataDir, "api.sock"
 // close, requests in flight finish (or get ESHUTDOWN), disks are flushed.
 func Run(ctx context.Context, cfg ServeConfig) (err error) {
 	log := cfg.Logger
+	mx := metrics.New()
+	if cfg.Watch.Grace > 0 {
+		mx.SetKeyGrace(cfg.Watch.Grace)
+	}
 	st, err := OpenState(ctx, StateOptions{DataDir: cfg.DataDir, Logger: log, Disk: cryptodisk.Options{SuspendHold: cfg.SuspendHold},
-		PBKDFIterations: cfg.PBKDFIterations, Vault: cfg.Vault, Watch: cfg.Watch})
+		PBKDFIterations: cfg.PBKDFIterations, Vault: cfg.Vault, Watch: cfg.Watch, Metrics: mx})
 	if err != nil {
 		return err
 	}
@@ -246,7 +249,8 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 		ConnContext: connContext, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	var metricsSrv *http.Server
 	if metricsL != nil {
-		metricsSrv = &http.Server{Handler: metricsHandler(st.Manager), ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+		mx.SetDiskSource(st.Manager.DiskStates)
+		metricsSrv = &http.Server{Handler: mx.Handler(st.Manager.Ready), ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	}
 
 	errc := make(chan error, len(nbdLs)+3)
@@ -300,23 +304,4 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 	stopWatch()
 	wg.Wait()
 	return err
-}
-
-// metricsHandler serves /metrics, /healthz and /readyz.
-func metricsHandler(m *Manager) http.Handler {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		for _, d := range m.List() {
-			if d.State != string(cryptodisk.StateActive) && d.State != string(cryptodisk.StateSuspended) {
-				http.Error(w, fmt.Sprintf("disk %s is %s: %s", d.Name, d.State, d.StateReason), http.StatusServiceUnavailable)
-				return
-			}
-		}
-		w.Write([]byte("ready\n"))
-	})
-	return mux
 }

@@ -35,6 +35,7 @@ func (t diskTarget) Resume(ctx context.Context) error {
 	kid := t.disk.Token().KeyID
 	t.m.cfg.Audit.timed("unwrap", t.name, kid, t.principal, start, err)
 	if err == nil {
+		t.m.dekUnwrapped(kid)
 		// The count is read before the gate opens again, so it is the
 		// count at the end of the suspension.
 		t.m.cfg.Audit.Record(AuditEvent{Event: "resume", Disk: t.name, KeyID: kid, Principal: t.principal,
