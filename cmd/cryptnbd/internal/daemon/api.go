@@ -37,6 +37,7 @@ func NewAPI(m *Manager, auditPath string) *API {
 	a.mux.HandleFunc("DELETE /v1/des/{name}", a.deleteDES)
 	a.mux.HandleFunc("POST /v1/des/{name}/update", a.updateDES)
 	a.mux.HandleFunc("POST /v1/des/{name}/rotate", a.rotateDES)
+	a.routeLifecycle()
 	return a
 }
 
@@ -58,7 +59,7 @@ func writeErr(w http.ResponseWriter, err error) {
 	switch {
 	case errors.Is(err, ErrNotFound), errors.Is(err, nbd.ErrUnknownExport):
 		status = http.StatusNotFound
-	case errors.Is(err, ErrExists), errors.Is(err, ErrInUse):
+	case errors.Is(err, ErrExists), errors.Is(err, ErrInUse), errors.Is(err, ErrUnavailable):
 		status = http.StatusConflict
 	case errors.Is(err, ErrInvalid):
 		status = http.StatusBadRequest
@@ -83,6 +84,10 @@ func (a *API) createDisk(w http.ResponseWriter, r *http.Request) {
 	var req CreateRequest
 	if err := decode(r, &req); err != nil {
 		writeErr(w, err)
+		return
+	}
+	if r.URL.Query().Get("progress") == "ndjson" && (req.Source != "" || req.Reencrypt) {
+		a.createWithProgress(w, r, req)
 		return
 	}
 	di, err := a.m.Create(r.Context(), req)

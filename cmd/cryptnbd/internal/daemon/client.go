@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"sync"
 	"time"
 )
 
@@ -37,32 +38,68 @@ func NewLocalClient(h http.Handler) *Client {
 
 type handlerTransport struct{ h http.Handler }
 
+// RoundTrip runs the handler in its own goroutine and streams its response
+// through a pipe, so an export of a large disk is not held in memory and a
+// long job's progress lines arrive as they are written. The handler ends
+// when it returns or, if the caller stops reading the body, at its next
+// write; it sees the caller's context as its request context.
 func (t handlerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	rec := &recorder{header: http.Header{}, status: http.StatusOK}
-	t.h.ServeHTTP(rec, r)
+	pr, pw := io.Pipe()
+	rw := &pipeResponse{header: http.Header{}, pw: pw, ready: make(chan struct{})}
+	go func() {
+		aborted := true
+		defer func() {
+			if v := recover(); v != nil && v != http.ErrAbortHandler {
+				pw.CloseWithError(fmt.Errorf("handler panic: %v", v))
+				rw.start(http.StatusInternalServerError)
+				return
+			}
+			rw.start(http.StatusOK)
+			if aborted {
+				pw.CloseWithError(io.ErrUnexpectedEOF)
+			} else {
+				pw.Close()
+			}
+		}()
+		t.h.ServeHTTP(rw, r)
+		aborted = false
+	}()
+	<-rw.ready
 	return &http.Response{
-		StatusCode: rec.status, Status: http.StatusText(rec.status), Header: rec.header,
-		Body: io.NopCloser(&rec.body), Request: r, ProtoMajor: 1, ProtoMinor: 1,
+		StatusCode: rw.status, Status: http.StatusText(rw.status), Header: rw.sent,
+		Body: pr, Request: r, ProtoMajor: 1, ProtoMinor: 1, ContentLength: -1,
 	}, nil
 }
 
-type recorder struct {
+// pipeResponse is the ResponseWriter of handlerTransport. The status and a
+// copy of the header are fixed by the first WriteHeader or Write.
+type pipeResponse struct {
 	header http.Header
+	sent   http.Header
 	status int
-	body   bytes.Buffer
-	wrote  bool
+	pw     *io.PipeWriter
+	once   sync.Once
+	ready  chan struct{}
 }
 
-func (r *recorder) Header() http.Header { return r.header }
-func (r *recorder) Write(p []byte) (int, error) {
-	r.wrote = true
-	return r.body.Write(p)
+func (p *pipeResponse) Header() http.Header { return p.header }
+
+func (p *pipeResponse) start(status int) {
+	p.once.Do(func() {
+		p.status, p.sent = status, p.header.Clone()
+		close(p.ready)
+	})
 }
-func (r *recorder) WriteHeader(s int) {
-	if !r.wrote {
-		r.status, r.wrote = s, true
-	}
+
+func (p *pipeResponse) WriteHeader(s int) { p.start(s) }
+
+func (p *pipeResponse) Write(b []byte) (int, error) {
+	p.start(http.StatusOK)
+	return p.pw.Write(b)
 }
+
+// Flush is a no-op: every Write reaches the reader directly.
+func (p *pipeResponse) Flush() {}
 
 // StatusError is a non-2xx answer from the API.
 type StatusError struct {

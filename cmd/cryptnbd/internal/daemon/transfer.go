@@ -1,0 +1,457 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/cryptnbd/cryptnbd/cryptodisk"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/filestore"
+	"github.com/cryptnbd/cryptnbd/keys"
+)
+
+// ErrUnavailable: the disk cannot be read now (suspended, its key revoked
+// or not yet opened).
+var ErrUnavailable = errors.New("disk unavailable")
+
+// chunkBytes is the unit of import, export and re-encryption: a chunk that
+// is all zeros is left as a hole.
+const chunkBytes = 1 << 20
+
+var zeroChunk = make([]byte, chunkBytes)
+
+func isZero(b []byte) bool { return bytes.Equal(b, zeroChunk[:len(b)]) }
+
+// Progress is told how many of total bytes are done. It is called from the
+// goroutine doing the work, often; it must be quick.
+type Progress func(doneBytes, totalBytes int64)
+
+// reserve claims name in the disk table while a disk is being made, as
+// Create does: the entry is listed as unavailable and not served until
+// publish fills it in.
+func (m *Manager) reserve(name, why string) (*entry, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.disks[name]; ok {
+		return nil, fmt.Errorf("%w: %s", ErrExists, name)
+	}
+	e := &entry{name: name, path: m.diskPath(name), openErr: errors.New(why)}
+	m.disks[name] = e
+	return e, nil
+}
+
+func (m *Manager) diskPath(name string) string {
+	return filepath.Join(m.cfg.DataDir, diskDir, name+diskExt)
+}
+
+// abandon drops a reservation and the temporary image behind it.
+func (m *Manager) abandon(e *entry, d *cryptodisk.Disk, tmp string) {
+	if d != nil {
+		d.Close()
+	}
+	os.Remove(tmp)
+	m.mu.Lock()
+	if m.disks[e.name] == e {
+		delete(m.disks, e.name)
+	}
+	m.mu.Unlock()
+}
+
+// publish makes a disk built at tmp durable, renames it into place and
+// fills in its reservation. On error the disk is abandoned.
+func (m *Manager) publish(ctx context.Context, e *entry, d *cryptodisk.Disk, tmp string) (DiskInfo, error) {
+	if err := d.Flush(ctx); err != nil {
+		m.abandon(e, d, tmp)
+		return DiskInfo{}, fmt.Errorf("daemon: %s: %w", e.name, err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.disks[e.name] != e { // deleted while being made
+		d.Close()
+		os.Remove(tmp)
+		return DiskInfo{}, fmt.Errorf("%w: %s was deleted while being made", ErrNotFound, e.name)
+	}
+	if err := os.Rename(tmp, e.path); err != nil {
+		delete(m.disks, e.name)
+		d.Close()
+		os.Remove(tmp)
+		return DiskInfo{}, fmt.Errorf("daemon: %s: %w", e.name, err)
+	}
+	if err := syncDir(filepath.Dir(e.path)); err != nil {
+		delete(m.disks, e.name)
+		d.Close()
+		os.Remove(e.path)
+		return DiskInfo{}, fmt.Errorf("daemon: %s: %w", e.name, err)
+	}
+	tok := d.Token()
+	e.disk, e.openErr = d, nil
+	e.info = &cryptodisk.Info{UUID: d.UUID(), SectorSize: d.SectorSize(), SizeBytes: d.Size(), Token: tok}
+	if des := tok.Properties["des"]; des != "" {
+		if de, ok := m.des[des]; ok {
+			m.watchLocked(e, des, de.kv)
+		}
+	}
+	return m.infoLocked(e), nil
+}
+
+// checkCreate fills in a creation request's defaults and checks it, as
+// Create does.
+func checkCreate(r *CreateRequest) error {
+	if err := ValidateName(r.Name); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	if r.EncryptionType == "" {
+		r.EncryptionType = EncryptionPlatformKey
+		if r.DES != "" {
+			r.EncryptionType = EncryptionCustomerKey
+		}
+	}
+	switch {
+	case r.EncryptionType == EncryptionPlatformKey && r.DES != "":
+		return fmt.Errorf("%w: a disk encryption set is for %s; drop --des or change --encryption-type", ErrInvalid, EncryptionCustomerKey)
+	case r.EncryptionType == EncryptionCustomerKey && r.DES == "":
+		return fmt.Errorf("%w: %s needs --des NAME (create one with cryptnbd des create)", ErrInvalid, EncryptionCustomerKey)
+	case r.EncryptionType != EncryptionPlatformKey && r.EncryptionType != EncryptionCustomerKey:
+		return fmt.Errorf("%w: encryption type %q: use %s or %s", ErrInvalid, r.EncryptionType, EncryptionPlatformKey, EncryptionCustomerKey)
+	}
+	if r.SectorSize == 0 {
+		r.SectorSize = 4096
+	}
+	if r.SectorSize != 512 && r.SectorSize != 4096 {
+		return fmt.Errorf("%w: sector size %d: use 4096 or 512", ErrInvalid, r.SectorSize)
+	}
+	if r.SizeBytes <= 0 || r.SizeBytes%int64(r.SectorSize) != 0 {
+		return fmt.Errorf("%w: size %d bytes: must be a positive multiple of the %d-byte sector", ErrInvalid, r.SizeBytes, r.SectorSize)
+	}
+	return nil
+}
+
+// createImage formats a new disk at tmp under a fresh volume key, wrapped
+// by the platform key or r.DES's key. The caller publishes or abandons it.
+func (m *Manager) createImage(ctx context.Context, r CreateRequest, tmp string, extra map[string]string) (*cryptodisk.Disk, error) {
+	var (
+		p         keys.Provider
+		principal = keys.PlatformName
+		props     = map[string]string{"name": r.Name, "encryptionType": r.EncryptionType}
+		err       error
+	)
+	for k, v := range extra {
+		props[k] = v
+	}
+	if r.DES == "" {
+		if p, err = m.provider(keys.PlatformName); err != nil {
+			return nil, err
+		}
+	} else {
+		if p, principal, err = m.desProvider(ctx, r.DES); err != nil {
+			return nil, err
+		}
+		props["des"] = r.DES
+	}
+	store, err := filestore.Create(tmp, 0)
+	if err != nil {
+		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+	}
+	start := time.Now()
+	d, err := cryptodisk.Create(ctx, store, p, cryptodisk.CreateOptions{
+		SizeBytes: r.SizeBytes, SectorSize: r.SectorSize, Provider: p.Name(), Label: r.Name,
+		Properties: props, PBKDFIterations: m.cfg.PBKDFIterations,
+	}, m.diskOptions(r.Name))
+	kid := ""
+	if d != nil {
+		kid = d.Token().KeyID
+	}
+	m.cfg.Audit.timed("wrap", r.Name, kid, principal, start, err)
+	if err != nil {
+		store.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+	}
+	return d, nil
+}
+
+// createFromSnapshot makes disk r.Name with the contents of snapshot
+// r.Source (DISK@SNAP). The new disk keeps the snapshot's key protector: a
+// disk of a customer-managed key stays under that disk encryption set. By
+// default it is a clone of the image and so shares the volume key; with
+// r.Reencrypt it gets a fresh volume key and the plaintext is copied.
+func (m *Manager) createFromSnapshot(ctx context.Context, r CreateRequest, progress Progress) (DiskInfo, error) {
+	if _, _, err := SplitSnapshotName(r.Source); err != nil {
+		return DiskInfo{}, fmt.Errorf("%w: --source: %w", ErrInvalid, err)
+	}
+	if err := ValidateName(r.Name); err != nil {
+		return DiskInfo{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	m.mu.Lock()
+	se, ok := m.snaps[r.Source]
+	m.mu.Unlock()
+	if !ok {
+		return DiskInfo{}, fmt.Errorf("%w: snapshot %s", ErrNotFound, r.Source)
+	}
+	if se.disk == nil {
+		return DiskInfo{}, fmt.Errorf("%w: snapshot %s: %v", ErrUnavailable, r.Source, se.openErr)
+	}
+	tok := se.disk.Token()
+	snapDES, snapType := tok.Properties["des"], tok.Properties["encryptionType"]
+	if r.DES != snapDES {
+		if snapDES == "" {
+			return DiskInfo{}, fmt.Errorf("%w: snapshot %s is encrypted with the platform key; a disk made from it is too: drop --des", ErrInvalid, r.Source)
+		}
+		return DiskInfo{}, fmt.Errorf("%w: snapshot %s is under disk encryption set %s; a disk made from it must use the same customer-managed key: give --des %s or none", ErrInvalid, r.Source, snapDES, snapDES)
+	}
+	if snapType == "" {
+		snapType = EncryptionPlatformKey
+		if snapDES != "" {
+			snapType = EncryptionCustomerKey
+		}
+	}
+	if r.EncryptionType != "" && r.EncryptionType != snapType {
+		return DiskInfo{}, fmt.Errorf("%w: snapshot %s is %s; a disk made from it is too", ErrInvalid, r.Source, snapType)
+	}
+	r.EncryptionType = snapType
+	size := se.disk.Size()
+	if r.SizeBytes == 0 {
+		r.SizeBytes = size
+	}
+	if r.SizeBytes < size {
+		return DiskInfo{}, fmt.Errorf("%w: size %d is smaller than snapshot %s (%d bytes)", ErrInvalid, r.SizeBytes, r.Source, size)
+	}
+	if r.SectorSize == 0 {
+		r.SectorSize = se.disk.SectorSize()
+	}
+	if !r.Reencrypt && r.SectorSize != se.disk.SectorSize() {
+		return DiskInfo{}, fmt.Errorf("%w: a clone keeps the snapshot's %d-byte sectors; use --reencrypt to change them", ErrInvalid, se.disk.SectorSize())
+	}
+	if err := checkCreate(&r); err != nil {
+		return DiskInfo{}, err
+	}
+	e, err := m.reserve(r.Name, "being created")
+	if err != nil {
+		return DiskInfo{}, err
+	}
+	tmp := e.path + creatingExt
+	var d *cryptodisk.Disk
+	if r.Reencrypt {
+		d, err = m.createImage(ctx, r, tmp, map[string]string{"source": r.Source})
+		if err != nil {
+			m.abandon(e, nil, tmp)
+			return DiskInfo{}, err
+		}
+		if err := copyPlaintext(ctx, d, se.disk, size, progress); err != nil {
+			m.abandon(e, d, tmp)
+			return DiskInfo{}, fmt.Errorf("daemon: re-encrypt %s into %s: %w", r.Source, r.Name, err)
+		}
+	} else {
+		// The snapshot is read-only: no barrier is needed to copy it.
+		if _, err := cloneFile(ctx, se.path, tmp); err != nil {
+			m.abandon(e, nil, tmp)
+			return DiskInfo{}, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+		}
+		if d, _, err = m.openImage(ctx, r.Name, tmp, false); err != nil {
+			m.abandon(e, nil, tmp)
+			return DiskInfo{}, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+		}
+		err := d.SetProperties(ctx, map[string]string{"name": r.Name, "source": r.Source})
+		if err == nil && r.SizeBytes > size {
+			err = d.Grow(ctx, r.SizeBytes)
+		}
+		if err != nil {
+			m.abandon(e, d, tmp)
+			return DiskInfo{}, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+		}
+		if progress != nil {
+			progress(size, size)
+		}
+	}
+	di, err := m.publish(ctx, e, d, tmp)
+	if err != nil {
+		return DiskInfo{}, err
+	}
+	m.log.Info("disk created from snapshot", "disk", r.Name, "snapshot", r.Source, "reencrypt", r.Reencrypt)
+	return di, nil
+}
+
+// copyPlaintext copies the first size bytes of src into dst, decrypting and
+// re-encrypting. Holes of src, and chunks that read as zeros, are skipped, so
+// they stay holes in dst (a new disk reads as zeros).
+func copyPlaintext(ctx context.Context, dst, src *cryptodisk.Disk, size int64, progress Progress) error {
+	type run struct {
+		off, n int64
+	}
+	var runs []run
+	var off int64
+	err := src.Extents(ctx, 0, size, func(n int64, hole bool) bool {
+		if !hole {
+			runs = append(runs, run{off, n})
+		}
+		off += n
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, chunkBytes)
+	for _, r := range runs {
+		for o := r.off; o < r.off+r.n; {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			n := min(int64(len(buf)), r.off+r.n-o)
+			b := buf[:n]
+			if err := src.ReadAt(ctx, b, o); err != nil {
+				return err
+			}
+			if !isZero(b) {
+				if err := dst.WriteAt(ctx, b, o); err != nil {
+					return err
+				}
+			}
+			o += n
+			if progress != nil {
+				progress(o, size)
+			}
+		}
+	}
+	if progress != nil {
+		progress(size, size)
+	}
+	return nil
+}
+
+// ImportImage creates disk r.Name from the raw image in body, which must hold
+// exactly r.SizeBytes bytes. All-zero chunks are not written, so they stay
+// holes. The disk is built under a temporary name and appears only once
+// complete: if body ends early or ctx is cancelled (the client went away),
+// nothing is left behind.
+func (m *Manager) ImportImage(ctx context.Context, r CreateRequest, body io.Reader) (DiskInfo, error) {
+	if r.Source != "" || r.Reencrypt {
+		return DiskInfo{}, fmt.Errorf("%w: import takes no source snapshot", ErrInvalid)
+	}
+	if err := checkCreate(&r); err != nil {
+		return DiskInfo{}, err
+	}
+	if r.DES != "" {
+		if _, err := m.desEntry(r.DES); err != nil {
+			return DiskInfo{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+		}
+	}
+	e, err := m.reserve(r.Name, "being imported")
+	if err != nil {
+		return DiskInfo{}, err
+	}
+	tmp := e.path + creatingExt
+	d, err := m.createImage(ctx, r, tmp, nil)
+	if err != nil {
+		m.abandon(e, nil, tmp)
+		return DiskInfo{}, err
+	}
+	start := time.Now()
+	written, err := fill(ctx, d, body, r.SizeBytes)
+	if err != nil {
+		m.abandon(e, d, tmp)
+		m.log.Warn("import abandoned", "disk", r.Name, "err", err)
+		return DiskInfo{}, fmt.Errorf("daemon: import %s: %w", r.Name, err)
+	}
+	di, err := m.publish(ctx, e, d, tmp)
+	if err != nil {
+		return DiskInfo{}, err
+	}
+	m.cfg.Audit.Record(AuditEvent{Event: "import", Disk: r.Name, KeyID: di.KeyID,
+		Detail: fmt.Sprintf("%d bytes, %d written (the rest zero)", r.SizeBytes, written)})
+	m.log.Info("disk imported", "disk", r.Name, "sizeBytes", r.SizeBytes, "writtenBytes", written, "took", time.Since(start))
+	return di, nil
+}
+
+// fill writes body's size bytes into d, skipping zero chunks, and checks
+// that body ends there.
+func fill(ctx context.Context, d *cryptodisk.Disk, body io.Reader, size int64) (int64, error) {
+	buf := make([]byte, chunkBytes)
+	var off, written int64
+	for off < size {
+		if err := ctx.Err(); err != nil {
+			return written, err
+		}
+		n := min(int64(len(buf)), size-off)
+		b := buf[:n]
+		got, err := io.ReadFull(body, b)
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return written, fmt.Errorf("%w: the image ended after %d of %d bytes", ErrInvalid, off+int64(got), size)
+			}
+			return written, fmt.Errorf("read image at %d: %w", off, err)
+		}
+		if !isZero(b) {
+			if err := d.WriteAt(ctx, b, off); err != nil {
+				return written, err
+			}
+			written += n
+		}
+		off += n
+	}
+	var one [1]byte
+	if n, _ := io.ReadFull(body, one[:]); n > 0 {
+		return written, fmt.Errorf("%w: the image is larger than the %d bytes announced", ErrInvalid, size)
+	}
+	return written, nil
+}
+
+// ExportImage writes the plaintext of a disk or snapshot (DISK@SNAP) to w. It is
+// audited, and it goes through the key provider first: the keyslot secret
+// is unwrapped (and dropped), so a revoked or disabled key blocks an export
+// even though the daemon holds the volume key. A suspended disk is refused.
+// begin is called with the size before the first byte is written.
+func (m *Manager) ExportImage(ctx context.Context, name string, w io.Writer, begin func(sizeBytes int64)) error {
+	m.mu.Lock()
+	e, ok := m.disks[name]
+	if !ok {
+		e, ok = m.snaps[name]
+	}
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	if e.disk == nil {
+		return fmt.Errorf("%w: %s: %v", ErrUnavailable, name, e.openErr)
+	}
+	if st, reason, _ := e.disk.State(); st != cryptodisk.StateActive {
+		return fmt.Errorf("%w: %s is %s: %s", ErrUnavailable, name, st, reason)
+	}
+	tok := e.disk.Token()
+	p, principal, err := m.providerFor(tok)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	sec, err := e.disk.RecoverySecret(ctx, p)
+	clear(sec)
+	size := e.disk.Size()
+	ev := AuditEvent{Event: "export", Disk: name, KeyID: tok.KeyID, Principal: principal,
+		LatencyMS: float64(time.Since(start).Microseconds()) / 1000, Detail: "plaintext image, " + strconv.FormatInt(size, 10) + " bytes"}
+	if err != nil {
+		ev.Error = err.Error()
+	}
+	m.cfg.Audit.Record(ev)
+	if err != nil {
+		return fmt.Errorf("%w: export %s: %w", ErrUnavailable, name, err)
+	}
+	begin(size)
+	buf := make([]byte, chunkBytes)
+	for off := int64(0); off < size; {
+		n := min(int64(len(buf)), size-off)
+		if err := e.disk.ReadAt(ctx, buf[:n], off); err != nil {
+			return fmt.Errorf("daemon: export %s at %d: %w", name, off, err)
+		}
+		if _, err := w.Write(buf[:n]); err != nil {
+			return fmt.Errorf("daemon: export %s: %w", name, err)
+		}
+		off += n
+	}
+	m.log.Info("disk exported", "disk", name, "sizeBytes", size, "took", time.Since(start))
+	return nil
+}
