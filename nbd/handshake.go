@@ -373,13 +373,15 @@ func (h *handshake) infoGo(opt uint32, data []byte) (bool, error) {
 		releaseExport(exp)
 		return false, err
 	}
+	if opt == optInfo {
+		// Release before the final reply, so a client that has it
+		// knows the export is no longer held.
+		releaseExport(exp)
+		return false, h.reply(opt, repAck, nil)
+	}
 	if err := h.reply(opt, repAck, nil); err != nil {
 		releaseExport(exp)
 		return false, err
-	}
-	if opt == optInfo {
-		releaseExport(exp)
-		return false, nil
 	}
 	h.enter(name, exp)
 	return true, nil

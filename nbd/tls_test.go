@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/cryptnbd/cryptnbd/nbd"
 	"github.com/cryptnbd/cryptnbd/nbd/nbdtest"
@@ -192,6 +193,17 @@ func (r *refusals) hook(reason string, _ nbd.Peer) {
 	r.mu.Unlock()
 }
 
+// wait returns the refusals once there are at least n, or after 5
+// seconds: a client can see its TLS handshake fail before the server has
+// counted it.
+func (r *refusals) wait(n int) []string {
+	deadline := time.Now().Add(5 * time.Second)
+	for len(r.list()) < n && time.Now().Before(deadline) {
+		time.Sleep(2 * time.Millisecond)
+	}
+	return r.list()
+}
+
 func (r *refusals) list() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -353,7 +365,7 @@ func TestStartTLSErrors(t *testing.T) {
 		b = binary.BigEndian.AppendUint32(b, 4)
 		c.write(append(b, "disk"...))
 		c.expectClosed()
-		if got := ref.list(); !slices.Equal(got, []string{nbd.RefusedTLSHandshake}) {
+		if got := ref.wait(1); !slices.Equal(got, []string{nbd.RefusedTLSHandshake}) {
 			t.Errorf("refusals %v", got)
 		}
 		if n := e.cat.Open(); n != 0 {
@@ -371,7 +383,7 @@ func TestStartTLSErrors(t *testing.T) {
 		}
 		c.write(make([]byte, 300))
 		c.expectClosed()
-		if got := ref.list(); !slices.Equal(got, []string{nbd.RefusedTLSHandshake}) {
+		if got := ref.wait(1); !slices.Equal(got, []string{nbd.RefusedTLSHandshake}) {
 			t.Errorf("refusals %v", got)
 		}
 	})
@@ -406,7 +418,7 @@ func TestTLSClientCertificates(t *testing.T) {
 			c.expectClosed()
 		})
 	}
-	if got := ref.list(); len(got) != 2 || got[0] != nbd.RefusedTLSHandshake || got[1] != nbd.RefusedTLSHandshake {
+	if got := ref.wait(2); len(got) != 2 || got[0] != nbd.RefusedTLSHandshake || got[1] != nbd.RefusedTLSHandshake {
 		t.Errorf("refusals %v, want two %s", got, nbd.RefusedTLSHandshake)
 	}
 
