@@ -273,8 +273,19 @@ func TestCLILifecycle(t *testing.T) {
 		t.Errorf("disk show: %+v", di)
 	}
 
-	if r := d.CLI("disk", "delete", "fresh"); r.Code != 0 {
-		t.Fatalf("disk delete: %v", r)
+	// A disk in use is deleted only with --force; its clients then get
+	// errors (or a closed connection), never data.
+	conn, _ := transmit(t, d.Sock, "fresh")
+	if r := d.CLI("disk", "delete", "fresh"); r.Code != 1 || !strings.Contains(r.Stderr, "connection") {
+		t.Errorf("disk delete of a disk in use: want exit 1 naming the connections, got %v", r)
+	}
+	if r := d.CLI("disk", "delete", "fresh", "--force"); r.Code != 0 {
+		t.Fatalf("disk delete --force: %v", r)
+	}
+	if err := conn.request(0, cmdRead, 1, 30<<20, 4096, nil); err == nil {
+		if errno, _, data, err := conn.simpleReply(4096); err == nil && errno == 0 {
+			t.Errorf("READ on a deleted disk returned data (% x...)", data[:8])
+		}
 	}
 	if r := runCmd(t, "nbdinfo", "--size", d.URI("fresh")); r.Code == 0 {
 		t.Errorf("deleted disk still exported: %v", r)
