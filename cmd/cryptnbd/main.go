@@ -21,12 +21,22 @@ Usage:
   cryptnbd disk delete NAME [--force]         crypto-shred and remove a disk
   cryptnbd disk resize NAME --size S          grow a disk, online
   cryptnbd disk recovery-secret NAME --out F  write the LUKS2 keyslot secret for cryptsetup
+  cryptnbd disk create NAME --source DISK@SNAP [--reencrypt]
+                                              a disk with a snapshot's contents (same key
+                                              protector; own volume key with --reencrypt)
+  cryptnbd disk import NAME --from FILE|nbd://HOST/EXPORT|- [--size S]
+                                              encrypt a raw image into a new disk (holes kept)
+  cryptnbd disk export NAME|DISK@SNAP --to FILE|nbd://HOST/EXPORT|-
+                                              write the plaintext out (audited; sparse file)
+  cryptnbd snapshot create NAME --source DISK  crash-consistent, read-only snapshot DISK@NAME
+  cryptnbd snapshot list [--source DISK] | show DISK@SNAP | delete DISK@SNAP
   cryptnbd des create NAME --key-url URL [--auto-key-rotation]
                                               create a disk encryption set (customer-managed key)
   cryptnbd des list | show NAME | delete NAME | update NAME --key-url URL | rotate NAME
   cryptnbd keyvault serve [flags]             run a local Key Vault-compatible server
   cryptnbd keyvault key create|show|list-versions|enable|disable|delete|recover|purge|rotate --name K
   cryptnbd keyvault set-policy|delete-policy --object-id ID [--key-permissions get wrapKey unwrapKey]
+  cryptnbd status [-o json]                   disks at a glance: state, key, connections, live MiB/s and IOPS
   cryptnbd audit [--disk NAME] [--since T]    read the key-use audit log
   cryptnbd version
 
@@ -72,8 +82,12 @@ func run(ctx context.Context, args []string) error {
 		return cmdServe(ctx, args[1:])
 	case "disk":
 		return cmdDisk(ctx, args[1:])
+	case "status":
+		return cmdStatus(ctx, args[1:])
 	case "des":
 		return cmdDES(ctx, args[1:])
+	case "snapshot":
+		return cmdSnapshot(ctx, args[1:])
 	case "keyvault":
 		return cmdKeyVault(ctx, args[1:])
 	case "audit":

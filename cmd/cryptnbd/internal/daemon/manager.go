@@ -107,8 +107,13 @@ type DiskInfo struct {
 	// stands still while the disk is suspended.
 	WritesCompleted uint64 `json:"writesCompleted"`
 	// SuspendedSince is when the current suspension began.
-	SuspendedSince *time.Time        `json:"suspendedSince,omitempty"`
-	Properties     map[string]string `json:"properties,omitempty"`
+	SuspendedSince *time.Time `json:"suspendedSince,omitempty"`
+	// Cumulative I/O since the daemon started, for `cryptnbd status`.
+	ReadBytes  uint64            `json:"readBytes"`
+	WriteBytes uint64            `json:"writeBytes"`
+	ReadOps    uint64            `json:"readOps"`
+	WriteOps   uint64            `json:"writeOps"`
+	Properties map[string]string `json:"properties,omitempty"`
 	// SharesVolumeKeyWith names the disks and snapshots made by copying this
 	// image (or that it was copied from): they hold the same volume key.
 	SharesVolumeKeyWith []string `json:"sharesVolumeKeyWith,omitempty"`
@@ -426,6 +431,9 @@ func (m *Manager) infoLocked(e *entry) DiskInfo {
 	st, reason, since := e.disk.State()
 	di.State, di.StateReason = string(st), reason
 	di.WritesCompleted = e.disk.WritesCompleted()
+	if mx := m.cfg.Metrics; mx != nil {
+		di.ReadBytes, di.WriteBytes, di.ReadOps, di.WriteOps = mx.DiskCounters(e.name)
+	}
 	if st == cryptodisk.StateSuspended {
 		di.SuspendedSince = &since
 	}
@@ -447,7 +455,7 @@ func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 	}
 	if snaps := m.snapshotsOfLocked(name); len(snaps) > 0 && !force {
 		m.mu.Unlock()
-		return fmt.Errorf("%w: %s has snapshots (%s), which hold the same volume key: shredding the disk would not make their data unreadable; delete them first, or use --force to keep them", ErrInUse, name, strings.Join(snaps, ", "))
+		return fmt.Errorf("%w: %s has %s, which hold the same volume key: shredding the disk would not make their data unreadable; delete them first, or use --force to keep them", ErrHasSnapshots, name, strings.Join(snaps, ", "))
 	}
 	delete(m.disks, name)
 	if e.stopWatch != nil {
