@@ -75,7 +75,7 @@ func checkOutput(o string) error {
 
 func cmdDisk(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return usagef("disk: give a subcommand: create, list, show, delete, resize or recovery-secret")
+		return usagef("disk: give a subcommand: create, list, show, delete, resize, recovery-secret, import or export")
 	}
 	switch args[0] {
 	case "create":
@@ -90,6 +90,10 @@ func cmdDisk(ctx context.Context, args []string) error {
 		return diskResize(ctx, args[1:])
 	case "recovery-secret":
 		return diskRecoverySecret(ctx, args[1:])
+	case "import":
+		return diskImport(ctx, args[1:])
+	case "export":
+		return diskExport(ctx, args[1:])
 	}
 	return usagef("disk: unknown subcommand %q", args[0])
 }
@@ -112,6 +116,8 @@ func diskCreate(ctx context.Context, args []string) error {
 	sector := fs.Int("sector-size", 4096, "encryption sector size: 4096 or 512")
 	encType := fs.String("encryption-type", "", "EncryptionAtRestWithPlatformKey (the default) or EncryptionAtRestWithCustomerKey")
 	des := fs.String("des", "", "disk encryption set for a customer-managed key")
+	source := fs.String("source", "", "snapshot DISK@SNAP to copy (size and key protector come from it)")
+	reencrypt := fs.Bool("reencrypt", false, "with --source: give the new disk its own volume key and copy the plaintext")
 	vault := vaultFlags(fs)
 	out := outputFlag(fs)
 	pos, err := parse(fs, args)
@@ -121,6 +127,9 @@ func diskCreate(ctx context.Context, args []string) error {
 	name, err := oneName("disk create", pos)
 	if err != nil {
 		return err
+	}
+	if *source != "" || *reencrypt {
+		return createFromSnapshot(ctx, fs, name, *source, *reencrypt, *size, *sector, *encType, *des, vault, *out, *dataDir)
 	}
 	if *size == "" {
 		return usagef("disk create: --size is required")
@@ -374,6 +383,9 @@ func printDiskDetail(w io.Writer, d daemon.DiskInfo) error {
 	row("connections", strconv.FormatInt(d.Connections, 10))
 	row("exportName", d.ExportName)
 	row("uuid", d.UUID)
+	if len(d.SharesVolumeKeyWith) > 0 {
+		row("sharesVolumeKeyWith", strings.Join(d.SharesVolumeKeyWith, ", "))
+	}
 	row("path", d.Path)
 	return tw.Flush()
 }

@@ -59,7 +59,7 @@ func writeErr(w http.ResponseWriter, err error) {
 	switch {
 	case errors.Is(err, ErrNotFound), errors.Is(err, nbd.ErrUnknownExport):
 		status = http.StatusNotFound
-	case errors.Is(err, ErrExists), errors.Is(err, ErrInUse), errors.Is(err, ErrUnavailable):
+	case errors.Is(err, ErrExists), errors.Is(err, ErrInUse), errors.Is(err, ErrUnavailable), errors.Is(err, ErrHasSnapshots):
 		status = http.StatusConflict
 	case errors.Is(err, ErrInvalid):
 		status = http.StatusBadRequest

@@ -110,7 +110,7 @@ func statusOf(err error) int {
 	switch {
 	case errors.Is(err, ErrNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, ErrExists), errors.Is(err, ErrInUse), errors.Is(err, ErrUnavailable):
+	case errors.Is(err, ErrExists), errors.Is(err, ErrInUse), errors.Is(err, ErrUnavailable), errors.Is(err, ErrHasSnapshots):
 		return http.StatusConflict
 	case errors.Is(err, ErrInvalid):
 		return http.StatusBadRequest

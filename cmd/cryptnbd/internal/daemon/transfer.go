@@ -20,6 +20,9 @@ import (
 // or not yet opened).
 var ErrUnavailable = errors.New("disk unavailable")
 
+// ErrHasSnapshots: a disk with snapshots is deleted only with force.
+var ErrHasSnapshots = errors.New("disk has snapshots")
+
 // chunkBytes is the unit of import, export and re-encryption: a chunk that
 // is all zeros is left as a hole.
 const chunkBytes = 1 << 20
