@@ -169,3 +169,62 @@ func TestReadyzAndStateMetricsWithRevocation(t *testing.T) {
 		t.Log(s)
 	}
 }
+
+// keyVaultRequests sums every cryptnbd_keyvault_requests_total series of
+// the given op ("" for all).
+func keyVaultRequests(scrape, op string) float64 {
+	total := 0.0
+	for _, line := range strings.Split(scrape, "\n") {
+		if !strings.HasPrefix(line, "cryptnbd_keyvault_requests_total{") || (op != "" && !strings.Contains(line, `op="`+op+`"`)) {
+			continue
+		}
+		if i := strings.LastIndexByte(line, ' '); i > 0 {
+			if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
+				total += v
+			}
+		}
+	}
+	return total
+}
+
+// TestKeyVaultOffTheDataPath: thousands of I/Os to a customer-key disk
+// make no Key Vault call of their own; the only calls are the watcher's
+// periodic checks, which depend on time, not on I/O.
+func TestKeyVaultOffTheDataPath(t *testing.T) {
+	c := setupCMK(t, "1h", "--metrics-listen", "127.0.0.1:0", "--key-check-interval", "2s", "--key-probe-interval", "5m")
+	base := "http://" + c.d.metricsAddr(t)
+	// The watcher probes a key version once when its first disk registers;
+	// take the baseline after that.
+	deadline := time.Now().Add(15 * time.Second)
+	var before string
+	for {
+		_, before = httpGet(t, base+"/metrics")
+		if keyVaultRequests(before, "unwrapKey") >= 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the watcher never probed the key")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	start := time.Now()
+	jobs := runFio(t, c.d.URI("cmk"), "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=16M", "--verify_state_save=0")
+	elapsed := time.Since(start)
+	_, after := httpGet(t, base+"/metrics")
+	ios := sample(after, `cryptnbd_disk_requests_total{disk="cmk",op="write",result="ok"}`) +
+		sample(after, `cryptnbd_disk_requests_total{disk="cmk",op="read",result="ok"}`) -
+		sample(before, `cryptnbd_disk_requests_total{disk="cmk",op="write",result="ok"}`) -
+		sample(before, `cryptnbd_disk_requests_total{disk="cmk",op="read",result="ok"}`)
+	if len(jobs) != 1 || jobs[0].Error != 0 || ios < 8000 {
+		t.Fatalf("fio: %+v, %v I/Os", jobs, ios)
+	}
+	calls := keyVaultRequests(after, "") - keyVaultRequests(before, "")
+	wrapUnwrap := keyVaultRequests(after, "wrapKey") + keyVaultRequests(after, "unwrapKey") -
+		keyVaultRequests(before, "wrapKey") - keyVaultRequests(before, "unwrapKey")
+	// One GET per 2 s interval (plus the first), whatever the I/O count.
+	maxCalls := elapsed.Seconds()/2 + 3
+	t.Logf("%v I/Os in %v made %v Key Vault calls (%v wrap/unwrap)", ios, elapsed.Round(time.Millisecond), calls, wrapUnwrap)
+	if calls > maxCalls || wrapUnwrap != 0 {
+		t.Errorf("%v I/Os made %v Key Vault calls (%v wrap/unwrap); want at most %v periodic checks and no wrap/unwrap", ios, calls, wrapUnwrap, maxCalls)
+	}
+}

@@ -115,7 +115,7 @@ type cmkSetup struct {
 	principal string
 }
 
-func setupCMK(t *testing.T, grace string) *cmkSetup {
+func setupCMK(t *testing.T, grace string, extra ...string) *cmkSetup {
 	t.Helper()
 	need(t, "fio", "fio")
 	v := startVault(t, true)
@@ -127,9 +127,10 @@ func setupCMK(t *testing.T, grace string) *cmkSetup {
 	if err := json.Unmarshal([]byte(v.mustCLI("keyvault", "key", "create", "--name", "dk", "--size", "2048")), &bundle); err != nil {
 		t.Fatalf("key create output: %v", err)
 	}
-	d := startDaemon(t, daemonOpts{Extra: []string{
+	// Later flags win, so extra can override these defaults.
+	d := startDaemon(t, daemonOpts{Extra: append([]string{
 		"--local-vault", v.Dir, "--key-check-interval", "1s", "--key-probe-interval", "1s",
-		"--key-grace", grace, "--suspend-hold", "25s", "--log-level", "debug"}})
+		"--key-grace", grace, "--suspend-hold", "25s", "--log-level", "debug"}, extra...)})
 	mustCLI(t, d, "des", "create", "des1", "--key-url", bundle.Key.KID, "--auto-key-rotation")
 	var des struct {
 		Identity struct {
