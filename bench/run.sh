@@ -3,10 +3,10 @@
 # 127.0.0.1, every image in tmpfs. `make bench` runs it; see bench/README.md.
 #
 # Parameters (environment variables):
-#   QUICK=1         smoke run: 1 round, 512M image, 3 s per fio workload (~2 min)
+#   QUICK=1         smoke run: 1 round, 512M image, 2 s per fio workload (~2 min)
 #   ROUNDS=3        rounds; the report takes the median of each figure
 #   SIZE=2G         export size (suffixes K M G, powers of 1024)
-#   RUNTIME=6       seconds per fio workload
+#   RUNTIME=5       seconds per fio workload
 #   TMPFS=/dev/shm  where images live; must be tmpfs (if it is not and we are
 #                   root, a tmpfs is mounted on a temporary directory instead)
 #   SERVERS="cryptnbd nbdkit nbdkit-luks qemu-nbd qemu-nbd-luks nbd-server"
@@ -25,9 +25,9 @@ set -euo pipefail
 
 QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then
-	ROUNDS=${ROUNDS:-1} SIZE=${SIZE:-512M} RUNTIME=${RUNTIME:-3}
+	ROUNDS=${ROUNDS:-1} SIZE=${SIZE:-512M} RUNTIME=${RUNTIME:-2}
 else
-	ROUNDS=${ROUNDS:-3} SIZE=${SIZE:-2G} RUNTIME=${RUNTIME:-6}
+	ROUNDS=${ROUNDS:-3} SIZE=${SIZE:-2G} RUNTIME=${RUNTIME:-5}
 fi
 TMPFS=${TMPFS:-/dev/shm}
 DEFAULT_SERVERS="cryptnbd nbdkit nbdkit-luks qemu-nbd qemu-nbd-luks nbd-server"

@@ -43,13 +43,23 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *dataDir, *disk, *listen, *prefix); err != nil {
+	l, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "profserve:", err)
+		os.Exit(1)
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGUSR1, syscall.SIGUSR2)
+	if err := run(ctx, l, *dataDir, *disk, sig, *prefix); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, dataDir, name, listen, prefix string) error {
+// run serves the disk on l until ctx is done. SIGUSR1 on sig starts a
+// profile, SIGUSR2 writes it.
+func run(ctx context.Context, l net.Listener, dataDir, name string, sig <-chan os.Signal, prefix string) error {
+	defer l.Close()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	platform, err := keys.OpenPlatform(dataDir)
 	if err != nil {
@@ -67,12 +77,14 @@ func run(ctx context.Context, dataDir, name, listen, prefix string) error {
 	}
 	defer d.Close()
 
-	l, err := net.Listen("tcp", listen)
-	if err != nil {
-		return fmt.Errorf("profserve: %w", err)
-	}
 	srv := nbd.NewServer(catalog{name: name, disk: d}, nbd.Options{Logger: log})
-	go profileOnSignal(ctx, prefix, log)
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	defer func() { cancel(); <-done }()
+	go func() {
+		defer close(done)
+		profileOnSignal(ctx, sig, prefix, log)
+	}()
 	if err := srv.Serve(ctx, l); err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, nbd.ErrServerClosed) {
 		return fmt.Errorf("profserve: %w", err)
 	}
@@ -80,11 +92,9 @@ func run(ctx context.Context, dataDir, name, listen, prefix string) error {
 }
 
 // profileOnSignal toggles the CPU profile on SIGUSR1/SIGUSR2 until ctx is
-// done. It is the only goroutine touching the profiler.
-func profileOnSignal(ctx context.Context, prefix string, log *slog.Logger) {
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGUSR1, syscall.SIGUSR2)
-	defer signal.Stop(sig)
+// done, writing any profile still running. It is the only goroutine
+// touching the profiler.
+func profileOnSignal(ctx context.Context, sig <-chan os.Signal, prefix string, log *slog.Logger) {
 	var (
 		f *os.File
 		n int
@@ -95,6 +105,7 @@ func profileOnSignal(ctx context.Context, prefix string, log *slog.Logger) {
 			if f != nil {
 				pprof.StopCPUProfile()
 				f.Close()
+				os.Rename(f.Name(), fmt.Sprintf("%s.%d.pprof", prefix, n))
 			}
 			return
 		case s := <-sig:
