@@ -550,3 +550,34 @@ func TestTLSReload(t *testing.T) {
 		t.Errorf("old connection reads %q errno %d", got, errno)
 	}
 }
+
+func TestTLSModeText(t *testing.T) {
+	for _, tt := range []struct {
+		in   string
+		want nbd.TLSMode
+		ok   bool
+	}{
+		{"off", nbd.TLSOff, true},
+		{"on", nbd.TLSOn, true},
+		{"require", nbd.TLSRequire, true},
+		{"required", 0, false},
+		{"", 0, false},
+	} {
+		var m nbd.TLSMode
+		err := m.UnmarshalText([]byte(tt.in))
+		if (err == nil) != tt.ok || m != tt.want {
+			t.Errorf("UnmarshalText(%q) = %v, %v", tt.in, m, err)
+		}
+		if tt.ok {
+			if b, _ := m.MarshalText(); string(b) != tt.in {
+				t.Errorf("MarshalText(%v) = %q", m, b)
+			}
+		}
+	}
+	defer func() {
+		if recover() == nil {
+			t.Errorf("NewServer with TLSRequire and no TLSConfig did not panic")
+		}
+	}()
+	nbd.NewServer(nbdtest.NewCatalog(), nbd.Options{TLSMode: nbd.TLSRequire})
+}
