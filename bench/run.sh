@@ -42,7 +42,7 @@ CRYPTNBD_BIN=${CRYPTNBD_BIN:-}
 PASS=bench-passphrase # throwaway passphrase of throwaway images
 EXPORT=bench
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
 OUT=${OUT:-$REPO/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
 RAW=$OUT/raw
 GO=${GO:-go}
@@ -359,6 +359,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 install_deps
+[ "$(printf '%s\n' $SERVERS | sort | uniq -d)" = "" ] || die "SERVERS lists a server twice: $SERVERS"
 SIZE_BYTES=$(numfmt --from=iec "$SIZE")
 [ $((SIZE_BYTES % 1048576)) -eq 0 ] || die "SIZE must be a whole number of MiB"
 
