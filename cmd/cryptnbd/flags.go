@@ -4,24 +4,33 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"strings"
 )
 
 // newFlags makes a FlagSet whose errors come back as usage errors instead
-// of exiting, and whose --help prints the given synopsis.
+// of exiting. Its usage text goes to stdout for --help only: the flag
+// package also calls Usage on a bad flag, and stdout then carries -o json.
 func newFlags(name, synopsis string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	fs.Usage = func() {
-		fmt.Fprintf(os.Stdout, "Usage: cryptnbd %s\n\nFlags (each also read from the CRYPTNBD_* variable named after it):\n", synopsis)
-		fs.SetOutput(os.Stdout)
-		fs.PrintDefaults()
-		fs.SetOutput(io.Discard)
-	}
+	fs.SetOutput(usageText{synopsis})
+	fs.Usage = func() {}
 	return fs
+}
+
+// usageText is a FlagSet's output while parsing: it discards what the flag
+// package writes and remembers the synopsis for --help.
+type usageText struct{ synopsis string }
+
+func (usageText) Write(p []byte) (int, error) { return len(p), nil }
+
+func printHelp(fs *flag.FlagSet) {
+	u, _ := fs.Output().(usageText)
+	fmt.Fprintf(os.Stdout, "Usage: cryptnbd %s\n\nFlags (each also read from the CRYPTNBD_* variable named after it):\n", u.synopsis)
+	fs.SetOutput(os.Stdout)
+	fs.PrintDefaults()
+	fs.SetOutput(u)
 }
 
 // parse parses args, interleaving flags and positional arguments as users
@@ -32,7 +41,7 @@ func parse(fs *flag.FlagSet, args []string) ([]string, error) {
 	for {
 		if err := fs.Parse(args); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
-				fs.Usage()
+				printHelp(fs)
 				return nil, flag.ErrHelp
 			}
 			return nil, usagef("%s: %v", fs.Name(), err)
