@@ -82,7 +82,7 @@ func (s *File) Size() int64 { return s.size.Load() }
 
 // ReadAt fills p from off; holes read as zeros.
 func (s *File) ReadAt(_ context.Context, p []byte, off int64) error {
-	if off < 0 || off+int64(len(p)) > s.size.Load() {
+	if end := off + int64(len(p)); off < 0 || end > s.size.Load() || end < off {
 		return fmt.Errorf("filestore: read [%d,+%d) beyond %d: %w", off, len(p), s.size.Load(), syscall.EINVAL)
 	}
 	for len(p) > 0 {
@@ -103,7 +103,7 @@ func (s *File) ReadAt(_ context.Context, p []byte, off int64) error {
 
 // WriteAt writes all of p at off. It is durable after Sync.
 func (s *File) WriteAt(_ context.Context, p []byte, off int64) error {
-	if off < 0 || off+int64(len(p)) > s.size.Load() {
+	if end := off + int64(len(p)); off < 0 || end > s.size.Load() || end < off {
 		return fmt.Errorf("filestore: write [%d,+%d) beyond %d: %w", off, len(p), s.size.Load(), syscall.ENOSPC)
 	}
 	for len(p) > 0 {
