@@ -366,9 +366,11 @@ func (s Suite) testOutOfRange(t *testing.T) {
 		{"ReadStraddling", storeSize - 512, false, syscall.EINVAL},
 		{"ReadNegative", -1024, false, syscall.EINVAL},
 		{"ReadFar", 1 << 62, false, syscall.EINVAL},
+		{"ReadOverflowing", 1<<63 - 100, false, syscall.EINVAL},
 		{"WritePastEnd", storeSize, true, syscall.ENOSPC},
 		{"WriteStraddling", storeSize - 512, true, syscall.ENOSPC},
 		{"WriteFar", 1 << 62, true, syscall.ENOSPC},
+		{"WriteOverflowing", 1<<63 - 100, true, syscall.ENOSPC},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var err error
