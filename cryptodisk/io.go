@@ -288,11 +288,14 @@ func (d *Disk) Zero(ctx context.Context, off, length int64, noHole, fast bool) e
 			return err
 		}
 	}
+	// Whole sectors are written (or punched) under a shared hold like any
+	// whole-sector write, so a read-modify-write of one of them cannot
+	// straddle it and bring old bytes back.
+	locks := d.lockRange(bodyStart/ss, bodyEnd/ss-1, false, false)
+	defer locks.unlock()
 	if noHole {
 		return d.writeZeros(ctx, c, bodyStart, bodyEnd)
 	}
-	locks := d.lockRange(bodyStart/ss, bodyEnd/ss-1, false, false)
-	defer locks.unlock()
 	if err := d.store.Punch(ctx, d.dataOff+bodyStart, bodyEnd-bodyStart); err != nil {
 		return fmt.Errorf("cryptodisk: zero at %d: %w", bodyStart, err)
 	}
