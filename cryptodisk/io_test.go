@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
 )
@@ -281,4 +282,46 @@ func TestStoreErrors(t *testing.T) {
 	}
 	h.Fail(opPunch, nil)
 	checkDisk(t, e.d, append(bytes.Repeat([]byte{1}, 8192), make([]byte, diskSize-8192)...))
+}
+
+// TestZeroNoHoleVersusPartialWrite zeroes a whole sector with encrypted
+// zeros while a partial write to it is between its read and its write. The
+// outcome must be one of the two serial orders: all zeros, or zeros plus
+// the written bytes; never the sector's old bytes brought back by the
+// read-modify-write.
+func TestZeroNoHoleVersusPartialWrite(t *testing.T) {
+	for _, noHole := range []bool{true, false} {
+		t.Run(fmt.Sprintf("noHole=%v", noHole), func(t *testing.T) {
+			e, h := newHookedEnv(t, 4096)
+			ctx := context.Background()
+			old := bytes.Repeat([]byte{0x77}, 4096)
+			write(t, e.d, old, 4096)
+			gate := h.Stop(opWrite)
+			wrote := goErr(func() error { return e.d.WriteAt(ctx, []byte("partial"), 4096+100) })
+			<-gate.Entered // it has read the old sector and is about to write
+			zeroed := goErr(func() error { return e.d.Zero(ctx, 4096, 4096, noHole, false) })
+			select {
+			case err := <-zeroed:
+				gate.Release()
+				await(t, "write", wrote)
+				t.Fatalf("Zero of the sector finished during a read-modify-write of it (err %v)", err)
+			case <-time.After(20 * time.Millisecond):
+			}
+			gate.Release()
+			for name, ch := range map[string]<-chan error{"write": wrote, "zero": zeroed} {
+				if err := await(t, name, ch); err != nil {
+					t.Fatalf("%s: %v", name, err)
+				}
+			}
+			got := make([]byte, 4096)
+			if err := e.d.ReadAt(ctx, got, 4096); err != nil {
+				t.Fatal(err)
+			}
+			zerosThenWrite := make([]byte, 4096)
+			copy(zerosThenWrite[100:], "partial")
+			if !bytes.Equal(got, make([]byte, 4096)) && !bytes.Equal(got, zerosThenWrite) {
+				t.Errorf("sector after racing Zero and WriteAt is neither serial outcome; first bytes %x", got[:16])
+			}
+		})
+	}
 }
