@@ -90,6 +90,8 @@ func cmdDisk(ctx context.Context, args []string) error {
 		return diskResize(ctx, args[1:])
 	case "recovery-secret":
 		return diskRecoverySecret(ctx, args[1:])
+	case "update":
+		return diskUpdate(ctx, args[1:])
 	case "import":
 		return diskImport(ctx, args[1:])
 	case "export":
@@ -119,6 +121,7 @@ func diskCreate(ctx context.Context, args []string) error {
 	source := fs.String("source", "", "snapshot DISK@SNAP to copy (size and key protector come from it)")
 	reencrypt := fs.Bool("reencrypt", false, "with --source: give the new disk its own volume key and copy the plaintext")
 	vault := vaultFlags(fs)
+	allow, allowRO := accessFlags(fs)
 	out := outputFlag(fs)
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -174,6 +177,11 @@ func diskCreate(ctx context.Context, args []string) error {
 	di, err := c.CreateDisk(ctx, daemon.CreateRequest{Name: name, SizeBytes: n, SectorSize: *sector, EncryptionType: *encType, DES: *des})
 	if err != nil {
 		return err
+	}
+	if len(*allow)+len(*allowRO) > 0 {
+		if di, err = c.SetAccess(ctx, name, daemon.Access{Allow: *allow, AllowReadOnly: *allowRO}); err != nil {
+			return fmt.Errorf("disk %s was created, but its access rules were not set: %w", name, err)
+		}
 	}
 	return printDisks(*out, []daemon.DiskInfo{di}, true)
 }
@@ -382,6 +390,12 @@ func printDiskDetail(w io.Writer, d daemon.DiskInfo) error {
 	row("state", state)
 	row("connections", strconv.FormatInt(d.Connections, 10))
 	row("exportName", d.ExportName)
+	if len(d.Allow) > 0 {
+		row("allow", strings.Join(d.Allow, ", "))
+	}
+	if len(d.AllowReadOnly) > 0 {
+		row("allowReadOnly", strings.Join(d.AllowReadOnly, ", "))
+	}
 	row("uuid", d.UUID)
 	if len(d.SharesVolumeKeyWith) > 0 {
 		row("sharesVolumeKeyWith", strings.Join(d.SharesVolumeKeyWith, ", "))

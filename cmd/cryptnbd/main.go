@@ -19,6 +19,7 @@ Usage:
   cryptnbd disk list                          list disks
   cryptnbd disk show NAME                     show one disk
   cryptnbd disk delete NAME [--force]         crypto-shred and remove a disk
+  cryptnbd disk update NAME --allow S --allow-ro S  set who may open it over NBD (CIDR or certificate identity)
   cryptnbd disk resize NAME --size S          grow a disk, online
   cryptnbd disk recovery-secret NAME --out F  write the LUKS2 keyslot secret for cryptsetup
   cryptnbd disk create NAME --source DISK@SNAP [--reencrypt]

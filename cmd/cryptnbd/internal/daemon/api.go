@@ -31,6 +31,7 @@ func NewAPI(m *Manager, auditPath string) *API {
 	a.mux.HandleFunc("POST /v1/disks/{name}/resize", a.resizeDisk)
 	a.mux.HandleFunc("POST /v1/disks/{name}/recovery-secret", a.recoverySecret)
 	a.mux.HandleFunc("GET /v1/audit", a.audit)
+	a.mux.HandleFunc("POST /v1/disks/{name}/access", a.setAccess)
 	a.mux.HandleFunc("GET /v1/des", a.listDES)
 	a.mux.HandleFunc("POST /v1/des", a.createDES)
 	a.mux.HandleFunc("GET /v1/des/{name}", a.showDES)
@@ -233,4 +234,18 @@ func (a *API) rotateDES(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, info)
+}
+
+func (a *API) setAccess(w http.ResponseWriter, r *http.Request) {
+	var req Access
+	if err := decode(r, &req); err != nil {
+		writeErr(w, err)
+		return
+	}
+	di, err := a.m.SetAccess(r.PathValue("name"), req)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, di)
 }

@@ -235,3 +235,9 @@ func (c *Client) RotateDES(ctx context.Context, name string) (DESInfo, error) {
 	var out DESInfo
 	return out, c.do(ctx, http.MethodPost, "/v1/des/"+url.PathEscape(name)+"/rotate", nil, &out)
 }
+
+// SetAccess replaces a disk's NBD access rules.
+func (c *Client) SetAccess(ctx context.Context, name string, a Access) (DiskInfo, error) {
+	var out DiskInfo
+	return out, c.do(ctx, http.MethodPost, "/v1/disks/"+url.PathEscape(name)+"/access", a, &out)
+}

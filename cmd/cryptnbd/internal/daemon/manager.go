@@ -86,6 +86,8 @@ type entry struct {
 	info    *cryptodisk.Info
 	// stopWatch ends the revocation watch of a customer-key disk.
 	stopWatch func()
+	// access is who may open the disk over NBD; see access.go.
+	access Access
 }
 
 // DiskInfo is a disk as the API and `disk show -o json` present it.
@@ -108,6 +110,9 @@ type DiskInfo struct {
 	WritesCompleted uint64 `json:"writesCompleted"`
 	// SuspendedSince is when the current suspension began.
 	SuspendedSince *time.Time `json:"suspendedSince,omitempty"`
+	// Allow and AllowReadOnly are the NBD access rules; see Access.
+	Allow         []string `json:"allow,omitempty"`
+	AllowReadOnly []string `json:"allowReadOnly,omitempty"`
 	// Cumulative I/O since the daemon started, for `cryptnbd status`.
 	ReadBytes  uint64            `json:"readBytes"`
 	WriteBytes uint64            `json:"writeBytes"`
@@ -187,6 +192,9 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 			continue
 		}
 		e := &entry{name: name, path: filepath.Join(dir, n)}
+		if e.access, err = m.loadAccess(name); err != nil {
+			return nil, fmt.Errorf("daemon: %w", err)
+		}
 		e.disk, e.info, e.openErr = m.openDisk(ctx, name, e.path)
 		if e.openErr != nil {
 			m.log.Error("disk not opened", "disk", name, "err", e.openErr)
@@ -410,6 +418,7 @@ func (m *Manager) Show(name string) (DiskInfo, error) {
 
 func (m *Manager) infoLocked(e *entry) DiskInfo {
 	di := DiskInfo{Name: e.name, Path: e.path, ExportName: e.name, Connections: e.conns.Load(), Cipher: "aes-xts-plain64"}
+	di.Allow, di.AllowReadOnly = e.access.Allow, e.access.AllowReadOnly
 	if e.info != nil {
 		tok := e.info.Token
 		di.KeyProvider, di.KeyID, di.UUID, di.SectorSize = tok.Provider, tok.KeyID, e.info.UUID, e.info.SectorSize
@@ -468,6 +477,7 @@ func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 	if err := shred(ctx, e.path); err != nil {
 		return fmt.Errorf("daemon: delete %s: %w", name, err)
 	}
+	os.Remove(m.accessPath(name))
 	if mx := m.cfg.Metrics; mx != nil {
 		mx.ForgetDisk(name)
 	}
@@ -544,14 +554,24 @@ func (m *Manager) Close(ctx context.Context) error {
 }
 
 // Export implements nbd.Catalog: export name = disk name.
-func (m *Manager) Export(_ context.Context, name string) (*nbd.Export, error) {
+func (m *Manager) Export(ctx context.Context, name string) (*nbd.Export, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if strings.Contains(name, "@") {
+	// A snapshot, DISK@SNAP, is governed by its disk's access rules.
+	diskName, _, isSnap := strings.Cut(name, "@")
+	src, ok := m.disks[diskName]
+	if !ok {
+		return nil, fmt.Errorf("%w: %q", nbd.ErrUnknownExport, name)
+	}
+	readOnly, err := m.admitLocked(ctx, diskName, name, src)
+	if err != nil {
+		return nil, err
+	}
+	if isSnap {
 		return m.exportSnapshotLocked(name)
 	}
-	e, ok := m.disks[name]
-	if !ok || e.disk == nil {
+	e := src
+	if e.disk == nil {
 		return nil, fmt.Errorf("%w: %q", nbd.ErrUnknownExport, name)
 	}
 	e.conns.Add(1)
@@ -560,9 +580,11 @@ func (m *Manager) Export(_ context.Context, name string) (*nbd.Export, error) {
 		backend = mx.WrapBackend(name, e.disk)
 		mx.ConnOpened(name)
 	}
+	info := m.exportInfoLocked(e)
+	info.ReadOnly = readOnly
 	var once sync.Once
 	return &nbd.Export{
-		ExportInfo: m.exportInfoLocked(e),
+		ExportInfo: info,
 		Backend:    backend,
 		Release: func() {
 			once.Do(func() {
@@ -576,16 +598,35 @@ func (m *Manager) Export(_ context.Context, name string) (*nbd.Export, error) {
 }
 
 // Exports implements nbd.Catalog for NBD_OPT_LIST.
-func (m *Manager) Exports(context.Context) ([]nbd.ExportInfo, error) {
+func (m *Manager) Exports(ctx context.Context) ([]nbd.ExportInfo, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	// LIST shows a client only what it may open.
+	peer, hasPeer := nbd.PeerFromContext(ctx)
+	visible := func(disk string) (bool, bool) {
+		e, ok := m.disks[disk]
+		if !ok {
+			return false, false
+		}
+		if !hasPeer {
+			return true, false
+		}
+		return e.access.decide(peer)
+	}
 	out := make([]nbd.ExportInfo, 0, len(m.disks))
 	for _, e := range m.disks {
-		if e.disk != nil {
-			out = append(out, m.exportInfoLocked(e))
+		if ok, ro := visible(e.name); ok && e.disk != nil {
+			info := m.exportInfoLocked(e)
+			info.ReadOnly = ro
+			out = append(out, info)
 		}
 	}
-	out = append(out, m.snapshotExportsLocked()...)
+	for _, info := range m.snapshotExportsLocked() {
+		disk, _, _ := strings.Cut(info.Name, "@")
+		if ok, _ := visible(disk); ok {
+			out = append(out, info)
+		}
+	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil
 }
