@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -396,8 +397,18 @@ func eachChunk(r io.Reader, size int64, fn func(b []byte, off int64, zero bool) 
 			}
 			return fmt.Errorf("export: %w", err)
 		}
-		if err := fn(b, off, string(b) == string(zero[:n])); err != nil {
-			return fmt.Errorf("export at %d: %w", off, err)
+		// Zeros are reported in 4 KiB pieces, so a chunk with a little data
+		// leaves the rest a hole.
+		for i := int64(0); i < n; {
+			j := min(i+4096, n)
+			z := bytes.Equal(b[i:j], zero[:j-i])
+			for j < n && bytes.Equal(b[j:min(j+4096, n)], zero[:min(j+4096, n)-j]) == z {
+				j = min(j+4096, n)
+			}
+			if err := fn(b[i:j], off+i, z); err != nil {
+				return fmt.Errorf("export at %d: %w", off+i, err)
+			}
+			i = j
 		}
 		off += n
 	}

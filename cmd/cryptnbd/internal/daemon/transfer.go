@@ -31,6 +31,30 @@ var zeroChunk = make([]byte, chunkBytes)
 
 func isZero(b []byte) bool { return bytes.Equal(b, zeroChunk[:len(b)]) }
 
+// holeBytes is the granularity at which zeros inside a chunk are left as
+// holes: the larger encryption sector, and a common filesystem block.
+const holeBytes = 4096
+
+// dataRuns calls fn for each run of b that is not all zeros, in holeBytes
+// pieces, so that a chunk with a little data does not fill a whole hole.
+func dataRuns(b []byte, fn func(off, n int) error) error {
+	start := -1
+	for i := 0; i <= len(b); i += holeBytes {
+		end := min(i+holeBytes, len(b))
+		data := i < len(b) && !isZero(b[i:end])
+		if data && start < 0 {
+			start = i
+		}
+		if !data && start >= 0 {
+			if err := fn(start, i-start); err != nil {
+				return err
+			}
+			start = -1
+		}
+	}
+	return nil
+}
+
 // Progress is told how many of total bytes are done. It is called from the
 // goroutine doing the work, often; it must be quick.
 type Progress func(doneBytes, totalBytes int64)
@@ -389,11 +413,12 @@ func fill(ctx context.Context, d *cryptodisk.Disk, body io.Reader, size int64) (
 			}
 			return written, fmt.Errorf("read image at %d: %w", off, err)
 		}
-		if !isZero(b) {
-			if err := d.WriteAt(ctx, b, off); err != nil {
-				return written, err
-			}
-			written += n
+		err = dataRuns(b, func(i, n int) error {
+			written += int64(n)
+			return d.WriteAt(ctx, b[i:i+n], off+int64(i))
+		})
+		if err != nil {
+			return written, err
 		}
 		off += n
 	}
