@@ -125,6 +125,10 @@ func TestSummarize(t *testing.T) {
 	if want := (1/(300.0/1024) + 1/(100.0/1024)) / 2; !near(c.CPUPerGiB, want) {
 		t.Errorf("CPUPerGiB = %v, want %v", c.CPUPerGiB, want)
 	}
+	// 256 IOPS per MiB/s: 4 KiB requests, 262144 of them per GiB.
+	if want := c.CPUPerGiB * 1e6 / 262144; !near(c.CPUPerIO(), want) {
+		t.Errorf("CPUPerIO = %v, want %v", c.CPUPerIO(), want)
+	}
 	if s.Cell("nbd-server", "copy-in") != nil {
 		t.Errorf("cell for an unmeasured pair")
 	}
@@ -233,7 +237,7 @@ func TestReport(t *testing.T) {
 		"- cpu: Test CPU",
 		"| cryptnbd | 50.7k | – | 512 |", // headline: mixed IOPS, copy-out, copy-in MiB/s
 		"| nbdkit+luks ÷ nbdkit | 1.00× | – | 1.00× |",
-		"| nbdkit file | failed |", // copy-out
+		"| nbdkit file | failed |  | 0 (1 failed) |", // copy-out
 		"| ≥ 0.9× best plain peer | mixed | nbdkit | 1.00× | met |",
 		"| ≥ 2.0× nbdkit+luks | seq-read | nbdkit+luks | – | not measured |",
 	} {

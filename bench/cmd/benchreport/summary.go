@@ -75,6 +75,15 @@ type Cell struct {
 	MaxMiBps         float64
 }
 
+// CPUPerIO is server CPU µs per request, from the mean request size.
+func (c *Cell) CPUPerIO() float64 {
+	if c.IOPS == 0 {
+		return 0
+	}
+	bytesPerIO := c.MiBps * (1 << 20) / c.IOPS
+	return c.CPUPerGiB * 1e6 * bytesPerIO / (1 << 30)
+}
+
 // Summary holds every cell, keyed by server then workload, and the order
 // in which servers and workloads appeared.
 type Summary struct {

@@ -63,11 +63,15 @@ func writeMarkdown(w io.Writer, s *Summary, machine []string, chart string) {
 	p("## Headline\n\n")
 	writeHeadline(w, s)
 
-	p("\n## Per workload\n\nMiB/s and IOPS count both directions; p99 is the 99th percentile of total latency (the worse direction for mixed); CPU is the server's user+system seconds per GiB moved.\n")
+	p("\n## Per workload\n\nMiB/s and IOPS count both directions; p99 is the 99th percentile of total latency (the worse direction for mixed); CPU is the server's user+system seconds per GiB moved, and per request.\n")
 	for _, wl := range s.Workloads {
 		p("\n### %s: %s\n\n", wl, desc(wl))
+		cols := 4
 		if isFio(wl) {
-			p("| server | MiB/s | IOPS | p99 µs | CPU s/GiB | rounds |\n|---|---:|---:|---:|---:|---:|\n")
+			cols = 7
+		}
+		if isFio(wl) {
+			p("| server | MiB/s | IOPS | p99 µs | CPU s/GiB | CPU µs/IO | rounds |\n|---|---:|---:|---:|---:|---:|---:|\n")
 		} else {
 			p("| server | MiB/s | CPU s/GiB | rounds |\n|---|---:|---:|---:|\n")
 		}
@@ -81,11 +85,11 @@ func writeMarkdown(w io.Writer, s *Summary, machine []string, chart string) {
 				rounds += fmt.Sprintf(" (%d failed)", c.Failed)
 			}
 			if c.Rounds == 0 {
-				p("| %s | failed |  |  |  | %s |\n", label(srv), rounds)
+				p("| %s | failed |%s %s |\n", label(srv), strings.Repeat("  |", cols-3), rounds)
 				continue
 			}
 			if isFio(wl) {
-				p("| %s | %s | %s | %.0f | %.2f | %s |\n", label(srv), fmtMiB(c.MiBps), fmtIOPS(c.IOPS), c.P99us, c.CPUPerGiB, rounds)
+				p("| %s | %s | %s | %.0f | %.2f | %.1f | %s |\n", label(srv), fmtMiB(c.MiBps), fmtIOPS(c.IOPS), c.P99us, c.CPUPerGiB, c.CPUPerIO(), rounds)
 			} else {
 				p("| %s | %s | %.2f | %s |\n", label(srv), fmtMiB(c.MiBps), c.CPUPerGiB, rounds)
 			}
