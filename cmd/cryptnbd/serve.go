@@ -9,6 +9,8 @@ import (
 	"github.com/cryptnbd/cryptnbd/cmd/cryptnbd/internal/daemon"
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
 	"github.com/cryptnbd/cryptnbd/keys"
+	"github.com/cryptnbd/cryptnbd/nbd"
+	"github.com/cryptnbd/cryptnbd/nbd/tlsfiles"
 )
 
 func cmdServe(ctx context.Context, args []string) error {
@@ -25,6 +27,16 @@ func cmdServe(ctx context.Context, args []string) error {
 	probeEvery := fs.Duration("key-probe-interval", 5*time.Minute, "how often each key version gets a real unwrap, which alone catches a removed unwrapKey permission")
 	grace := fs.Duration("key-grace", time.Hour, "how long disks keep serving with their cached key while Key Vault is unreachable, before failing closed")
 	strictExpiry := fs.Bool("suspend-on-expiry", false, "suspend disks whose key has expired (Key Vault still unwraps expired keys; by default expiry only alerts)")
+	tlsMode := nbd.TLSOff
+	fs.TextVar(&tlsMode, "tls", nbd.TLSOff, "NBD TLS: off, on (clients choose) or require (no export or list before STARTTLS)")
+	tlsCert := fs.String("tls-cert", "", "server certificate (PEM); `cryptnbd tls init` makes one")
+	tlsKey := fs.String("tls-key", "", "server private key (PEM)")
+	tlsCA := fs.String("tls-ca", "", "CA that client certificates are verified against")
+	tlsVerify := fs.Bool("tls-verify-peer", false, "require a client certificate that verifies against --tls-ca")
+	handshake := fs.Duration("handshake-timeout", 10*time.Second, "drop a client that has not finished the NBD handshake in this time")
+	maxConns := fs.Int("max-conns", 1024, "most NBD connections open at once (0: no limit)")
+	maxPerAddr := fs.Int("max-conns-per-addr", 64, "most NBD connections open at once from one source address (0: no limit)")
+	idle := fs.Duration("idle-timeout", 0, "close an NBD connection idle this long with nothing in flight (0: never)")
 	adminGroup := fs.String("admin-group", "", "group whose members may use the management API (api.sock) besides the daemon's user and root")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "auto", "auto (text on a terminal, JSON otherwise), text or json")
@@ -47,6 +59,26 @@ func cmdServe(ctx context.Context, args []string) error {
 	if *hold <= 0 {
 		return usagef("--suspend-hold must be positive")
 	}
+	var tlsSrv *tlsfiles.Server
+	nopts := nbd.Options{TLSMode: tlsMode, HandshakeTimeout: *handshake, MaxConns: *maxConns, MaxConnsPerAddr: *maxPerAddr, IdleTimeout: *idle}
+	switch {
+	case tlsMode == nbd.TLSOff && (*tlsCert != "" || *tlsKey != "" || *tlsVerify):
+		return usagef("--tls-cert, --tls-key and --tls-verify-peer need --tls on or --tls require")
+	case tlsMode != nbd.TLSOff && (*tlsCert == "" || *tlsKey == ""):
+		return usagef("--tls %s needs --tls-cert and --tls-key (make them with cryptnbd tls init)", tlsMode)
+	case *tlsVerify && *tlsCA == "":
+		return usagef("--tls-verify-peer needs --tls-ca")
+	case *handshake <= 0 || *maxConns < 0 || *maxPerAddr < 0 || *idle < 0:
+		return usagef("--handshake-timeout must be positive, and the connection limits and --idle-timeout not negative")
+	}
+	if tlsMode != nbd.TLSOff {
+		var err error
+		tlsSrv, err = tlsfiles.LoadServer(tlsfiles.ServerFiles{Cert: *tlsCert, Key: *tlsKey, CA: *tlsCA, VerifyPeer: *tlsVerify})
+		if err != nil {
+			return err
+		}
+		nopts.TLSConfig = tlsSrv.Config()
+	}
 	if *checkEvery <= 0 || *probeEvery <= 0 || *grace <= 0 {
 		return usagef("--key-check-interval, --key-probe-interval and --key-grace must be positive")
 	}
@@ -58,7 +90,7 @@ func cmdServe(ctx context.Context, args []string) error {
 		return err
 	}
 	return daemon.Run(ctx, daemon.ServeConfig{
-		Vault: vault, AdminGroup: *adminGroup,
+		Vault: vault, AdminGroup: *adminGroup, NBD: nopts, TLS: tlsSrv,
 		Watch:   keys.WatcherOptions{Interval: *checkEvery, ProbeInterval: *probeEvery, Grace: *grace, SuspendOnExpiry: *strictExpiry},
 		DataDir: *dataDir, Listen: *listen, Unix: *unixPath, MetricsListen: *metrics,
 		DemoDisk: *demo, DemoSize: size, SuspendHold: *hold, Logger: log,

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"sync"
 	"syscall"
@@ -17,6 +18,7 @@ import (
 	"github.com/cryptnbd/cryptnbd/keys"
 	"github.com/cryptnbd/cryptnbd/metrics"
 	"github.com/cryptnbd/cryptnbd/nbd"
+	"github.com/cryptnbd/cryptnbd/nbd/tlsfiles"
 )
 
 // ServeConfig is the daemon's configuration, from flags and CRYPTNBD_* env.
@@ -40,6 +42,11 @@ type ServeConfig struct {
 	// AdminGroup may use the management API besides the daemon's user and
 	// root; the socket is then group-accessible. Empty for none.
 	AdminGroup string
+	// NBD carries the server's TLS mode and configuration and its limits
+	// on hostile clients; Logger and OnRefused are filled in here.
+	NBD nbd.Options
+	// TLS, if set, is reloaded on SIGHUP; NBD.TLSConfig reads from it.
+	TLS *tlsfiles.Server
 }
 
 // StateOptions open a data directory.
@@ -244,7 +251,35 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 		addrs.Metrics = metricsL.Addr().String()
 	}
 
-	srv := nbd.NewServer(st.Manager, nbd.Options{Logger: log})
+	nopts := cfg.NBD
+	nopts.Logger = log
+	nopts.OnRefused = func(reason string, p nbd.Peer) {
+		addr := ""
+		if p.Addr != nil {
+			addr = p.Addr.String()
+		}
+		st.Audit.Record(AuditEvent{Event: "connection-refused", Result: "denied", Detail: fmt.Sprintf("reason=%s peer=%s tls=%t", reason, addr, p.TLS)})
+	}
+	srv := nbd.NewServer(st.Manager, nopts)
+	if cfg.TLS != nil {
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-hup:
+					if err := cfg.TLS.Reload(); err != nil {
+						log.Error("TLS certificates not reloaded; the old ones stay in use", "err", err)
+					} else {
+						log.Info("TLS certificates reloaded")
+					}
+				}
+			}
+		}()
+	}
 	apiSrv := &http.Server{Handler: requirePeer(policy, st.Audit, NewAPI(st.Manager, st.AuditPath())),
 		ConnContext: connContext, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	var metricsSrv *http.Server
