@@ -46,6 +46,9 @@ type conn struct {
 	// tc is the TLS session after STARTTLS, nil before; set by the
 	// handshake, then read-only.
 	tc *tls.Conn
+	// graceful is set by the reader when the client disconnected softly
+	// (NBD_OPT_ABORT or NBD_CMD_DISC).
+	graceful bool
 
 	// br and bw are small during the handshake and replaced by
 	// ioBufferBytes ones for transmission.
@@ -159,6 +162,7 @@ func (c *conn) serve() {
 	c.br = bufio.NewReaderSize(c.nc, handshakeBufBytes)
 	c.bw = bufio.NewWriterSize(c.nc, handshakeBufBytes)
 	if err := c.handshake(); err != nil {
+		c.graceful = errors.Is(err, errAbort)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			c.s.refuse(c.log, RefusedHandshakeTimeout, c.peer(), err)
 		} else {
@@ -170,6 +174,8 @@ func (c *conn) serve() {
 	c.startPipeline()
 	if err := c.readLoop(); err != nil {
 		c.log.Debug("nbd: connection ended", "err", err)
+	} else {
+		c.graceful = true
 	}
 }
 
@@ -181,9 +187,11 @@ func (c *conn) finish() {
 		close(c.replies)
 		<-c.writerDone
 	}
-	if c.tc != nil && c.writeErr == nil && c.ctx.Err() == nil {
-		// Say goodbye with close_notify, as the protocol asks; Close
-		// bounds the write to 5 seconds.
+	if c.tc != nil && c.graceful && c.writeErr == nil && c.ctx.Err() == nil {
+		// After a soft disconnect, say goodbye with close_notify as the
+		// protocol asks; Close bounds the write to 5 seconds. Other
+		// endings are hard disconnects, which must not wait on a
+		// client that may not be reading.
 		c.tc.Close()
 	}
 	c.hardClose()

@@ -221,7 +221,7 @@ func runScript(nc net.Conn, s []byte, cliConf *tls.Config) {
 			return
 		}
 		final, ok := finalReply(br)
-		if !ok {
+		if !ok || opt == optAbort {
 			return
 		}
 		switch {
