@@ -311,7 +311,7 @@ func TestResumeFailureStaysSuspended(t *testing.T) {
 func TestSuspendUnderLoad(t *testing.T) {
 	e := newEnv(t, backends[0], 4096, diskSize, cryptodisk.Options{})
 	ctx := context.Background()
-	const workers = 4
+	const workers = 3
 	stop := make(chan struct{})
 	errs := make(chan error, workers)
 	model := make([]byte, diskSize)
@@ -347,7 +347,7 @@ func TestSuspendUnderLoad(t *testing.T) {
 			}
 		}()
 	}
-	for i := range 20 {
+	for i := range 10 {
 		e.d.Suspend("flap")
 		if i%2 == 0 {
 			time.Sleep(time.Millisecond)

@@ -36,6 +36,9 @@ func TestModel(t *testing.T) {
 	}})
 	for _, b := range bs {
 		for _, ss := range sectorSizes {
+			if b.name == "tearing" && ss == 512 {
+				continue // the 4096-byte case tears more per sector
+			}
 			t.Run(fmt.Sprintf("%s/%d", b.name, ss), func(t *testing.T) { testModel(t, b, ss) })
 		}
 	}
