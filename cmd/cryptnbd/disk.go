@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -17,12 +18,16 @@ import (
 	"time"
 
 	"github.com/cryptnbd/cryptnbd/cmd/cryptnbd/internal/daemon"
+	"github.com/cryptnbd/cryptnbd/nbd/tlsfiles"
 )
 
 // connect returns a client for the daemon on dataDir. With no daemon
 // running it opens the data directory in-process, so disks can be managed
 // before the daemon first starts.
 func connect(ctx context.Context, dataDir string, vault *daemon.VaultConfig) (*daemon.Client, func(), error) {
+	if u := os.Getenv("CRYPTNBD_API_URL"); u != "" {
+		return remoteClient(u)
+	}
 	sock := daemon.APISocket(dataDir)
 	if c, ok := dial(sock); ok {
 		return c, func() {}, nil
@@ -44,6 +49,25 @@ func connect(ctx context.Context, dataDir string, vault *daemon.VaultConfig) (*d
 		return nil, nil, err
 	}
 	return daemon.NewLocalClient(daemon.NewAPI(st.Manager, st.AuditPath())), func() { st.Close(context.WithoutCancel(ctx)) }, nil
+}
+
+// remoteClient reaches a daemon's --api-listen: CRYPTNBD_API_URL names it
+// and CRYPTNBD_API_TLS_DIR holds ca-cert.pem, client-cert.pem and
+// client-key.pem, as `cryptnbd tls init` lays them out.
+func remoteClient(u string) (*daemon.Client, func(), error) {
+	dir := os.Getenv("CRYPTNBD_API_TLS_DIR")
+	if dir == "" {
+		return nil, nil, usagef("CRYPTNBD_API_URL needs CRYPTNBD_API_TLS_DIR: a directory with ca-cert.pem, client-cert.pem and client-key.pem")
+	}
+	pu, err := url.Parse(u)
+	if err != nil || pu.Scheme != "https" {
+		return nil, nil, usagef("CRYPTNBD_API_URL %q: want https://HOST:PORT", u)
+	}
+	tc, err := tlsfiles.LoadClient(dir, pu.Hostname())
+	if err != nil {
+		return nil, nil, err
+	}
+	return daemon.NewRemoteClient(u, tc), func() {}, nil
 }
 
 func dial(sock string) (*daemon.Client, bool) {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"os"
 	"time"
@@ -37,6 +38,7 @@ func cmdServe(ctx context.Context, args []string) error {
 	maxConns := fs.Int("max-conns", 1024, "most NBD connections open at once (0: no limit)")
 	maxPerAddr := fs.Int("max-conns-per-addr", 64, "most NBD connections open at once from one source address (0: no limit)")
 	idle := fs.Duration("idle-timeout", 0, "close an NBD connection idle this long with nothing in flight (0: never)")
+	apiListen := fs.String("api-listen", "", "also serve the management API over HTTPS on this address, requiring a client certificate verified against --tls-ca (with --tls-cert and --tls-key)")
 	adminGroup := fs.String("admin-group", "", "group whose members may use the management API (api.sock) besides the daemon's user and root")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "auto", "auto (text on a terminal, JSON otherwise), text or json")
@@ -62,8 +64,10 @@ func cmdServe(ctx context.Context, args []string) error {
 	var tlsSrv *tlsfiles.Server
 	nopts := nbd.Options{TLSMode: tlsMode, HandshakeTimeout: *handshake, MaxConns: *maxConns, MaxConnsPerAddr: *maxPerAddr, IdleTimeout: *idle}
 	switch {
-	case tlsMode == nbd.TLSOff && (*tlsCert != "" || *tlsKey != "" || *tlsVerify):
-		return usagef("--tls-cert, --tls-key and --tls-verify-peer need --tls on or --tls require")
+	case tlsMode == nbd.TLSOff && *tlsVerify:
+		return usagef("--tls-verify-peer needs --tls on or --tls require")
+	case tlsMode == nbd.TLSOff && *apiListen == "" && (*tlsCert != "" || *tlsKey != ""):
+		return usagef("--tls-cert and --tls-key need --tls on, --tls require or --api-listen")
 	case tlsMode != nbd.TLSOff && (*tlsCert == "" || *tlsKey == ""):
 		return usagef("--tls %s needs --tls-cert and --tls-key (make them with cryptnbd tls init)", tlsMode)
 	case *tlsVerify && *tlsCA == "":
@@ -79,6 +83,17 @@ func cmdServe(ctx context.Context, args []string) error {
 		}
 		nopts.TLSConfig = tlsSrv.Config()
 	}
+	var apiTLS *tls.Config
+	if *apiListen != "" {
+		if *tlsCert == "" || *tlsKey == "" || *tlsCA == "" {
+			return usagef("--api-listen needs --tls-cert, --tls-key and --tls-ca: remote management requires a client certificate")
+		}
+		apiCreds, err := tlsfiles.LoadServer(tlsfiles.ServerFiles{Cert: *tlsCert, Key: *tlsKey, CA: *tlsCA, VerifyPeer: true})
+		if err != nil {
+			return err
+		}
+		apiTLS = apiCreds.Config()
+	}
 	if *checkEvery <= 0 || *probeEvery <= 0 || *grace <= 0 {
 		return usagef("--key-check-interval, --key-probe-interval and --key-grace must be positive")
 	}
@@ -90,7 +105,7 @@ func cmdServe(ctx context.Context, args []string) error {
 		return err
 	}
 	return daemon.Run(ctx, daemon.ServeConfig{
-		Vault: vault, AdminGroup: *adminGroup, NBD: nopts, TLS: tlsSrv,
+		Vault: vault, AdminGroup: *adminGroup, NBD: nopts, TLS: tlsSrv, APIListen: *apiListen, APITLS: apiTLS,
 		Watch:   keys.WatcherOptions{Interval: *checkEvery, ProbeInterval: *probeEvery, Grace: *grace, SuspendOnExpiry: *strictExpiry},
 		DataDir: *dataDir, Listen: *listen, Unix: *unixPath, MetricsListen: *metrics,
 		DemoDisk: *demo, DemoSize: size, SuspendHold: *hold, Logger: log,

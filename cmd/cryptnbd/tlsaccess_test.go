@@ -2,6 +2,7 @@ package main_test
 
 import (
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -132,5 +133,52 @@ func TestTLSClientIdentities(t *testing.T) {
 	mustRun(t, "nbdinfo", "--json", nbds(d, "vault", pki))
 	if evs := auditEvents(t, d, "--disk", "vault"); !hasEvent(evs, "access-refused", "") {
 		t.Errorf("carol's refusal was not audited")
+	}
+}
+
+// apiTLSAddr is the bound --api-listen address from the "serving" log.
+func (d *testDaemon) apiTLSAddr(t *testing.T) string {
+	t.Helper()
+	for _, line := range strings.Split(d.logs.String(), "\n") {
+		var m struct {
+			Msg    string `json:"msg"`
+			APITLS string `json:"apiTLS"`
+		}
+		if json.Unmarshal([]byte(line), &m) == nil && m.Msg == "serving" && m.APITLS != "" {
+			return m.APITLS
+		}
+	}
+	t.Fatal("the daemon logged no --api-listen address")
+	return ""
+}
+
+// TestRemoteManagementAPI: --api-listen serves the API over HTTPS to a
+// client certificate from the CA, and to nothing else.
+func TestRemoteManagementAPI(t *testing.T) {
+	pki := filepath.Join(t.TempDir(), "pki")
+	if err := tlsfiles.Init(pki, tlsfiles.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, daemonOpts{Demo: "demo", Extra: []string{"--api-listen", "127.0.0.1:0",
+		"--tls-cert", filepath.Join(pki, tlsfiles.ServerCertFile), "--tls-key", filepath.Join(pki, tlsfiles.ServerKeyFile),
+		"--tls-ca", filepath.Join(pki, tlsfiles.CACertFile)}})
+	url := "https://" + d.apiTLSAddr(t)
+	// Run from a data directory that has no daemon, so only the remote
+	// API can answer.
+	elsewhere := filepath.Join(t.TempDir(), "none")
+	r := runEnv(t, []string{"CRYPTNBD_API_URL=" + url, "CRYPTNBD_API_TLS_DIR=" + pki}, cryptnbdBin, "disk", "list", "--data-dir", elsewhere)
+	if r.Code != 0 || !strings.Contains(r.Stdout, "demo") {
+		t.Fatalf("remote disk list with a client certificate: %v", r)
+	}
+	noCert := filepath.Join(t.TempDir(), "nocert")
+	if err := os.MkdirAll(noCert, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(noCert, tlsfiles.CACertFile), readFile(t, filepath.Join(pki, tlsfiles.CACertFile)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r = runEnv(t, []string{"CRYPTNBD_API_URL=" + url, "CRYPTNBD_API_TLS_DIR=" + noCert}, cryptnbdBin, "disk", "list", "--data-dir", elsewhere)
+	if r.Code == 0 || strings.Contains(r.Stdout, "demo") {
+		t.Errorf("remote disk list without a client certificate was served: %v", r)
 	}
 }

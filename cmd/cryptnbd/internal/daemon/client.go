@@ -3,6 +3,7 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,13 +11,15 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 )
 
 // Client calls the management API. Safe for concurrent use.
 type Client struct {
-	hc *http.Client
+	hc   *http.Client
+	base string // "" means the Unix socket or in-process
 }
 
 // NewClient talks to the daemon listening on the Unix socket at sockPath.
@@ -28,6 +31,14 @@ func NewClient(sockPath string) *Client {
 		},
 	}
 	return &Client{hc: &http.Client{Transport: tr, Timeout: 10 * time.Minute}}
+}
+
+// NewRemoteClient talks to a daemon's --api-listen over HTTPS with a
+// client certificate.
+func NewRemoteClient(baseURL string, tc *tls.Config) *Client {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = tc
+	return &Client{hc: &http.Client{Transport: tr, Timeout: 10 * time.Minute}, base: strings.TrimSuffix(baseURL, "/")}
 }
 
 // NewLocalClient calls h in-process: the CLI uses it when no daemon runs,
@@ -118,7 +129,11 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		}
 		body = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://cryptnbd"+path, body)
+	base := c.base
+	if base == "" {
+		base = "http://cryptnbd"
+	}
+	req, err := http.NewRequestWithContext(ctx, method, base+path, body)
 	if err != nil {
 		return err
 	}

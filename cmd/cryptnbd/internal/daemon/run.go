@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -47,6 +48,10 @@ type ServeConfig struct {
 	NBD nbd.Options
 	// TLS, if set, is reloaded on SIGHUP; NBD.TLSConfig reads from it.
 	TLS *tlsfiles.Server
+	// APIListen serves the management API over HTTPS too, requiring a
+	// client certificate verified by APITLS (which must verify peers).
+	APIListen string
+	APITLS    *tls.Config
 }
 
 // StateOptions open a data directory.
@@ -67,6 +72,7 @@ type Addrs struct {
 	Unix    string
 	Metrics string
 	API     string
+	APITLS  string
 }
 
 // State is an open data directory: its lock, keys, audit log and disks.
@@ -243,6 +249,13 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 	addrs.API = apiPath
 	defer os.Remove(apiPath)
 
+	var apiTLSL net.Listener
+	if cfg.APIListen != "" {
+		if apiTLSL, err = listen("tcp", cfg.APIListen); err != nil {
+			return err
+		}
+		addrs.APITLS = apiTLSL.Addr().String()
+	}
 	var metricsL net.Listener
 	if cfg.MetricsListen != "" {
 		if metricsL, err = listen("tcp", cfg.MetricsListen); err != nil {
@@ -309,6 +322,18 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 			errc <- fmt.Errorf("api: %w", err)
 		}
 	})
+	var apiTLSSrv *http.Server
+	if apiTLSL != nil {
+		// A verified client certificate is the credential here; there is
+		// no peer uid to check.
+		apiTLSSrv = &http.Server{Handler: NewAPI(st.Manager, st.AuditPath()), TLSConfig: cfg.APITLS,
+			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+		wg.Go(func() {
+			if err := apiTLSSrv.ServeTLS(apiTLSL, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("api (https): %w", err)
+			}
+		})
+	}
 	if metricsSrv != nil {
 		wg.Go(func() {
 			if err := metricsSrv.Serve(metricsL); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -316,7 +341,7 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 			}
 		})
 	}
-	log.Info("serving", "nbd", addrs.NBD, "unix", addrs.Unix, "metrics", addrs.Metrics, "api", addrs.API, "disks", len(st.Manager.List()))
+	log.Info("serving", "nbd", addrs.NBD, "unix", addrs.Unix, "metrics", addrs.Metrics, "api", addrs.API, "apiTLS", addrs.APITLS, "disks", len(st.Manager.List()))
 	if cfg.Ready != nil {
 		cfg.Ready(addrs)
 	}
@@ -333,6 +358,9 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 		log.Warn("nbd shutdown", "err", serr)
 	}
 	apiSrv.Shutdown(sctx)
+	if apiTLSSrv != nil {
+		apiTLSSrv.Shutdown(sctx)
+	}
 	if metricsSrv != nil {
 		metricsSrv.Shutdown(sctx)
 	}
