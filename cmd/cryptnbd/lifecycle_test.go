@@ -620,3 +620,62 @@ func TestDeleteShreds(t *testing.T) {
 		t.Error("the recovery secret still opens the deleted image")
 	}
 }
+
+// TestCustomerKeyLifecycle: a snapshot of a customer-key disk follows the
+// key's revocation like the disk; a disk made from it stays under the same
+// disk encryption set and another one is refused; an export goes through
+// the key, so revoking it blocks the export.
+func TestCustomerKeyLifecycle(t *testing.T) {
+	t.Parallel()
+	c := setupCMK(t, "1h")
+	d := c.d
+	mustCLI(t, d, "snapshot", "create", "s", "--source", "cmk")
+	if r := d.CLI("disk", "create", "x", "--source", "cmk@s", "--des", "des2"); r.Code == 0 || !strings.Contains(r.Stderr, "des1") {
+		t.Errorf("disk from a des1 snapshot with --des des2: want a refusal naming des1, got %v", r)
+	}
+	var x diskJSON
+	d.cliJSON(&x, "disk", "create", "x", "--source", "cmk@s")
+	if x.Properties["des"] != "des1" || x.Properties["encryptionType"] != "EncryptionAtRestWithCustomerKey" {
+		t.Errorf("disk from the snapshot has properties %v, want des1 and a customer key", x.Properties)
+	}
+	if r := d.CLI("des", "delete", "des1"); r.Code == 0 {
+		t.Error("des delete succeeded while disks and a snapshot use it")
+	}
+
+	c.v.mustCLI("keyvault", "set-policy", "--object-id", c.principal, "--key-permissions", "get", "wrapKey")
+	waitState(t, d, "cmk", "Suspended", 15*time.Second)
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		var si struct{ State string }
+		d.cliJSON(&si, "snapshot", "show", "cmk@s")
+		if si.State == "Suspended" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("snapshot state %q after the revocation, want Suspended", si.State)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	out := filepath.Join(t.TempDir(), "cmk.raw")
+	for _, name := range []string{"cmk", "cmk@s"} {
+		if r := d.CLI("disk", "export", name, "--to", out); r.Code == 0 {
+			t.Errorf("export of %s with the key revoked succeeded", name)
+		}
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Errorf("a refused export left %s behind: %v", out, err)
+	}
+
+	c.v.mustCLI("keyvault", "set-policy", "--object-id", c.principal, "--key-permissions", "get", "wrapKey", "unwrapKey")
+	waitState(t, d, "cmk", "Active", 20*time.Second)
+	if r := d.CLI("disk", "export", "cmk", "--to", out); r.Code != 0 {
+		t.Fatalf("export after the key came back: %v", r)
+	}
+	found := false
+	for _, e := range auditEvents(t, d, "--disk", "cmk") {
+		found = found || (e.Event == "export" && e.Principal == c.principal)
+	}
+	if !found {
+		t.Error("no export event by the set's identity in the audit log")
+	}
+}

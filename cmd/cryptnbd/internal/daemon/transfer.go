@@ -226,6 +226,9 @@ func (m *Manager) createFromSnapshot(ctx context.Context, r CreateRequest, progr
 	}
 	tok := se.disk.Token()
 	snapDES, snapType := tok.Properties["des"], tok.Properties["encryptionType"]
+	if r.DES == "" {
+		r.DES = snapDES
+	}
 	if r.DES != snapDES {
 		if snapDES == "" {
 			return DiskInfo{}, fmt.Errorf("%w: snapshot %s is encrypted with the platform key; a disk made from it is too: drop --des", ErrInvalid, r.Source)
