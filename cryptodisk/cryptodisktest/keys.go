@@ -1,6 +1,6 @@
 // Package cryptodisktest holds test doubles for cryptodisk: a key wrapper
 // with a fixed key and injectable failures, and Storage wrappers that block
-// or count I/O.
+// or fail I/O.
 //
 // It imports only the standard library, so white-box tests inside package
 // cryptodisk can use it without an import cycle; its types satisfy
