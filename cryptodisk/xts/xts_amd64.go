@@ -87,15 +87,6 @@ func (c *Cipher) crypt(dst, src []byte, sectorSize int, tweak, step uint64, decr
 		c.cryptGeneric(dst, src, sectorSize, tweak, step, decrypt)
 		return
 	}
-	kernel, rk := xtsEncAESNI, &c.enc
-	switch {
-	case c.impl == implVAES && decrypt:
-		kernel, rk = xtsDecVAES, &c.dec
-	case c.impl == implVAES:
-		kernel = xtsEncVAES
-	case decrypt:
-		kernel, rk = xtsDecAESNI, &c.dec
-	}
 	sectors := len(src) / sectorSize
 	batch := max(1, min(tweakBatch, maxBatchBytes/sectorSize))
 	used := min(sectors, batch)
@@ -108,7 +99,20 @@ func (c *Cipher) crypt(dst, src []byte, sectorSize int, tweak, step uint64, decr
 			tweak += step
 		}
 		aesEncBlocks(&c.tweak, &tw[0][0], &tw[0][0], n)
-		kernel(rk, &dst[off], &src[off], sectorSize/blockSize, n, &tw[0])
+		// Direct calls, not a function variable: through a variable the
+		// compiler cannot apply //go:noescape, and tw would move to the
+		// heap on every call.
+		sb := sectorSize / blockSize
+		switch {
+		case c.impl == implVAES && decrypt:
+			xtsDecVAES(&c.dec, &dst[off], &src[off], sb, n, &tw[0])
+		case c.impl == implVAES:
+			xtsEncVAES(&c.enc, &dst[off], &src[off], sb, n, &tw[0])
+		case decrypt:
+			xtsDecAESNI(&c.dec, &dst[off], &src[off], sb, n, &tw[0])
+		default:
+			xtsEncAESNI(&c.enc, &dst[off], &src[off], sb, n, &tw[0])
+		}
 		off += n * sectorSize
 		sectors -= n
 	}
