@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"testing"
+	"time"
 
 	"github.com/cryptnbd/cryptnbd/nbd"
 	"github.com/cryptnbd/cryptnbd/nbd/nbdtest"
@@ -19,21 +20,46 @@ func BenchmarkRequest(b *testing.B) {
 		cmd        uint16
 		size       int
 		structured bool
+		tls        bool // over TLS (STARTTLS)
+		idle       bool // with Options.IdleTimeout set
 	}{
-		{"read/4KiB", cmdRead, 4 << 10, false},
-		{"read/1MiB", cmdRead, 1 << 20, false},
-		{"read-structured/4KiB", cmdRead, 4 << 10, true},
-		{"write/4KiB", cmdWrite, 4 << 10, false},
-		{"write/1MiB", cmdWrite, 1 << 20, false},
-		{"flush", cmdFlush, 0, false},
+		{"read/4KiB", cmdRead, 4 << 10, false, false, false},
+		{"read/1MiB", cmdRead, 1 << 20, false, false, false},
+		{"read-structured/4KiB", cmdRead, 4 << 10, true, false, false},
+		{"write/4KiB", cmdWrite, 4 << 10, false, false, false},
+		{"write/1MiB", cmdWrite, 1 << 20, false, false, false},
+		{"flush", cmdFlush, 0, false, false, false},
+		{"read-idle-timeout/4KiB", cmdRead, 4 << 10, false, false, true},
+		{"read-tls/4KiB", cmdRead, 4 << 10, false, true, false},
+		{"read-tls/1MiB", cmdRead, 1 << 20, false, true, false},
+		{"write-tls/4KiB", cmdWrite, 4 << 10, false, true, false},
+		{"write-tls/1MiB", cmdWrite, 1 << 20, false, true, false},
 	}
+	pki := newPKI(b)
 	for _, bc := range cases {
 		b.Run(bc.name, func(b *testing.B) {
 			cat := nbdtest.NewCatalog()
 			cat.Add(nbd.ExportInfo{Name: "null"}, nbdtest.Null{SizeBytes: 1 << 30})
 			e := &env{cat: cat}
-			e.start(b, nbd.Options{Logger: nil})
-			c := e.open(b, "null", bc.structured)
+			o := nbd.Options{}
+			if bc.idle {
+				o.IdleTimeout = time.Minute
+			}
+			if bc.tls {
+				o.TLSMode, o.TLSConfig = nbd.TLSRequire, serverCreds(b, pki, true).Config()
+			}
+			e.start(b, o)
+			c := e.dial(b)
+			c.hello(3)
+			if bc.tls {
+				c.startTLS(clientConf(b, pki))
+			}
+			c.structured = bc.structured
+			if bc.structured {
+				c.sendOpt(optStructured, nil)
+				c.readOptReply()
+			}
+			c.goExport("null")
 			benchPipeline(b, c.nc, bc.cmd, bc.size, bc.structured)
 		})
 	}

@@ -11,8 +11,38 @@
 // sent), STRUCTURED_REPLY, and LIST_META_CONTEXT / SET_META_CONTEXT for
 // the one context, base:allocation. Any other option gets ERR_UNSUP and
 // negotiation continues; an unknown export gets ERR_UNKNOWN, or a closed
-// connection after EXPORT_NAME. The whole negotiation runs under
-// Options.HandshakeTimeout. TLS and extended headers are not supported.
+// connection after EXPORT_NAME. The whole negotiation, TLS handshake
+// included, runs under Options.HandshakeTimeout. Extended headers are not
+// supported.
+//
+// # TLS and access control
+//
+// NBD_OPT_STARTTLS is offered per Options.TLSMode: TLSOff answers it
+// ERR_UNSUP; TLSOn serves plain and TLS clients; TLSRequire answers every
+// other option (LIST included) with ERR_TLS_REQD and closes the
+// connection on EXPORT_NAME until TLS is up. TLS is Go's crypto/tls, 1.3
+// preferred and 1.2 the minimum, configured by Options.TLSConfig (whose
+// GetConfigForClient lets certificates be reloaded without dropping
+// connections; see nbd/tlsfiles). All option state negotiated before
+// STARTTLS (structured replies, metadata contexts) is forgotten after it,
+// and a client that sends bytes after STARTTLS before its reply is
+// disconnected (no plaintext injection into the TLS session). After a
+// soft disconnect (ABORT, DISC) the server sends close_notify.
+//
+// The Catalog sees who the client is through PeerFromContext: address,
+// whether TLS is up and the verified client certificate. It grants or
+// hides exports per peer (ErrUnknownExport for a denied export looks
+// exactly like a missing one) and can grant read-only access by setting
+// ReadOnly on the Export it returns.
+//
+// # Hostile clients
+//
+// Options.MaxConns and MaxConnsPerAddr close excess connections as soon
+// as they are accepted; IdleTimeout closes connections with nothing in
+// flight; until transmission starts a connection holds only small
+// buffers (about 11 KiB of heap in all), and option data is read as it
+// arrives, never allocated from the announced length. Refusals are
+// counted in Stats and reported to Options.OnRefused.
 //
 // Commands: READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO),
 // CACHE, BLOCK_STATUS and DISC. FUA is accepted on every command and is
