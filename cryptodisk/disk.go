@@ -101,7 +101,10 @@ type Disk struct {
 	// stripes serialise read-modify-write of partial sectors against any
 	// other write to the same sector; see lockRange.
 	stripes [nStripes]stripe
-	bufs    sync.Pool // *[]byte of zeroChunk bytes
+	bufs    sync.Pool // *[]byte of zeroChunk bytes, for zeroing
+	// sectorBufs bounce partial sectors: one sector each, so losing them to
+	// a GC costs a sector to refill, not a megabyte.
+	sectorBufs sync.Pool
 }
 
 type stripe struct {
@@ -291,6 +294,7 @@ func open(store Storage, hdr *luks2.Header, tok Token, vk []byte, o Options) (*D
 	}
 	d.size.Store(store.Size() - d.dataOff)
 	d.bufs.New = func() any { b := make([]byte, zeroChunk); return &b }
+	d.sectorBufs.New = func() any { b := make([]byte, ss); return &b }
 	return d, nil
 }
 

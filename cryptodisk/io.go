@@ -36,13 +36,13 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 		inner := off % ss
 		if inner != 0 || end-off < ss {
 			n := min(ss-inner, end-off)
-			bp := d.bufs.Get().(*[]byte)
+			bp := d.sectorBufs.Get().(*[]byte)
 			buf := (*bp)[:ss]
 			err := d.readSectors(ctx, c, buf, sector)
 			if err == nil {
 				copy(p[:n], buf[inner:])
 			}
-			d.bufs.Put(bp)
+			d.sectorBufs.Put(bp)
 			if err != nil {
 				return err
 			}
@@ -150,8 +150,8 @@ func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, z
 // patchSector is the read-modify-write of one partial sector. The caller
 // holds the sector's stripe exclusively.
 func (d *Disk) patchSector(ctx context.Context, c SectorCipher, sector, inner int64, data []byte) error {
-	bp := d.bufs.Get().(*[]byte)
-	defer d.bufs.Put(bp)
+	bp := d.sectorBufs.Get().(*[]byte)
+	defer d.sectorBufs.Put(bp)
 	buf := (*bp)[:d.sectorSize]
 	if err := d.readSectors(ctx, c, buf, sector); err != nil {
 		return err
@@ -327,9 +327,9 @@ func (d *Disk) zeroPartial(ctx context.Context, c SectorCipher, off, end int64) 
 }
 
 func (d *Disk) patchZero(ctx context.Context, c SectorCipher, sector, inner, n int64) error {
-	bp := d.bufs.Get().(*[]byte)
-	defer d.bufs.Put(bp)
-	zero := (*bp)[d.sectorSize : d.sectorSize+n]
+	bp := d.sectorBufs.Get().(*[]byte)
+	defer d.sectorBufs.Put(bp)
+	zero := (*bp)[:n]
 	clear(zero)
 	return d.patchSector(ctx, c, sector, inner, zero)
 }
