@@ -1,33 +1,32 @@
 package daemon
 
 import (
-	"net/url"
-	"strings"
+	"context"
 	"time"
 
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
+	"github.com/cryptnbd/cryptnbd/keys"
 	"github.com/cryptnbd/cryptnbd/metrics"
 )
 
-// vaultKeyOf splits a kid into the bounded labels metrics use: the vault
-// (or "platform") and the key name, never the version.
-func vaultKeyOf(kid string) (vault, key string) {
-	if rest, ok := strings.CutPrefix(kid, "platform:"); ok {
-		parts := strings.Split(rest, "/")
-		if len(parts) >= 2 {
-			return "platform", parts[1]
-		}
-		return "platform", rest
+// vaultKeyOf gives the bounded labels metrics use for a kid: the vault
+// host (or "platform") and the key name, never the version.
+func vaultKeyOf(kid string) (vault, key string) { return metrics.KeyLabels(kid) }
+
+// expiryChecker passes the watcher's key checks through, recording each
+// key's expiry for the near-expiry alert.
+type expiryChecker struct {
+	keys.Checker
+	mx *metrics.Metrics
+}
+
+func (c expiryChecker) Status(ctx context.Context, kid string) (keys.KeyStatus, error) {
+	st, err := c.Checker.Status(ctx, kid)
+	if err == nil && c.mx != nil {
+		vault, key := metrics.KeyLabels(kid)
+		c.mx.KeyExpiry(vault, key, st.Expires)
 	}
-	u, err := url.Parse(kid)
-	if err != nil {
-		return "unknown", "unknown"
-	}
-	parts := strings.Split(strings.Trim(u.Path, "/"), "/")
-	if len(parts) >= 2 && parts[0] == "keys" {
-		return u.Scheme + "://" + u.Host, parts[1]
-	}
-	return u.Scheme + "://" + u.Host, "unknown"
+	return st, err
 }
 
 func (m *Manager) dekUnwrapped(kid string) {

@@ -61,7 +61,7 @@ func (m *Manager) watchLocked(e *entry, des string, kv *keys.KeyVault) {
 		principal = d.rec.Identity.PrincipalID
 	}
 	t := diskTarget{m: m, name: e.name, disk: e.disk, kv: kv, principal: principal}
-	e.stopWatch = m.watcher.Watch(e.disk.Token().KeyID, kv, t)
+	e.stopWatch = m.watcher.Watch(e.disk.Token().KeyID, expiryChecker{kv, m.cfg.Metrics}, t)
 }
 
 // desProvider validates a set before a disk is created against it: the key
