@@ -17,6 +17,17 @@ import (
 // refuses it once the lease is not ours.
 func (s *Store) renew(d time.Duration, acquired time.Time) {
 	defer close(s.renewDone)
+	// base ends a renewal in flight when Close stops the loop, so Close
+	// need not wait out the request's timeout.
+	base, cancelBase := context.WithCancel(context.Background())
+	defer cancelBase()
+	go func() {
+		select {
+		case <-s.stop:
+			cancelBase()
+		case <-base.Done():
+		}
+	}()
 	every := d / 3
 	last := acquired
 	t := time.NewTimer(every)
@@ -28,10 +39,12 @@ func (s *Store) renew(d time.Duration, acquired time.Time) {
 		case <-t.C:
 		}
 		sent := time.Now()
-		ctx, cancel := context.WithTimeout(context.Background(), every)
+		ctx, cancel := context.WithTimeout(base, every)
 		_, err := s.lc.RenewLease(ctx, nil)
 		cancel()
 		switch {
+		case base.Err() != nil:
+			return
 		case err == nil:
 			last = sent
 			t.Reset(every)
