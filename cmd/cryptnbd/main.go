@@ -37,6 +37,8 @@ Usage:
   cryptnbd keyvault serve [flags]             run a local Key Vault-compatible server
   cryptnbd keyvault key create|show|list-versions|enable|disable|delete|recover|purge|rotate --name K
   cryptnbd keyvault set-policy|delete-policy --object-id ID [--key-permissions get wrapKey unwrapKey]
+  cryptnbd tls init --out DIR [--host H] [--client-name N]  a CA, server and client certificates for NBD TLS
+  cryptnbd tls client --ca-dir DIR --out DIR2 --client-name N  another client certificate from that CA
   cryptnbd status [-o json]                   disks at a glance: state, key, connections, live MiB/s and IOPS
   cryptnbd audit [--disk NAME] [--since T]    read the key-use audit log
   cryptnbd version
@@ -83,6 +85,8 @@ func run(ctx context.Context, args []string) error {
 		return cmdServe(ctx, args[1:])
 	case "disk":
 		return cmdDisk(ctx, args[1:])
+	case "tls":
+		return cmdTLS(ctx, args[1:])
 	case "status":
 		return cmdStatus(ctx, args[1:])
 	case "des":
