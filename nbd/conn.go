@@ -173,11 +173,18 @@ func (c *conn) serve() {
 	}
 	c.startTransmission()
 	c.startPipeline()
-	if err := c.readLoop(); err != nil {
-		c.log.Debug("nbd: connection ended", "err", err)
-	} else {
+	// One line when a client starts using a disk and one when it stops;
+	// handshake-only connections (probes, LIST) stay at debug.
+	c.log = c.log.With("disk", c.exp.Name)
+	started := time.Now()
+	c.log.Info("nbd: connection opened", "remote", c.nc.RemoteAddr().String(), "tls", c.tc != nil, "readOnly", c.exp.ReadOnly)
+	err := c.readLoop()
+	if err == nil {
 		c.graceful = true
 	}
+	defer func() {
+		c.log.Info("nbd: connection closed", "duration", time.Since(started).Round(time.Millisecond).String(), "clean", c.graceful, "err", err)
+	}()
 }
 
 // finish drains the pipeline, closes the socket and releases the export.
