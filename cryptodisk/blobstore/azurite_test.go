@@ -164,7 +164,7 @@ func startAzurite() error {
 
 // account returns a client for the shared Azurite, skipping the test if
 // Azurite cannot run here.
-func account(t *testing.T) *service.Client {
+func account(t testing.TB) *service.Client {
 	t.Helper()
 	emulator.once.Do(func() {
 		if err := startAzurite(); err != nil {
