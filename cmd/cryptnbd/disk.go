@@ -120,6 +120,10 @@ func cmdDisk(ctx context.Context, args []string) error {
 		return diskImport(ctx, args[1:])
 	case "export":
 		return diskExport(ctx, args[1:])
+	case "attach":
+		return diskAttach(ctx, args[1:], true)
+	case "detach":
+		return diskAttach(ctx, args[1:], false)
 	}
 	return usagef("disk: unknown subcommand %q", args[0])
 }
@@ -386,11 +390,27 @@ func printDisks(format string, disks []daemon.DiskInfo, single bool) error {
 		return printDiskDetail(os.Stdout, disks[0])
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSIZE\tSECTOR\tENCRYPTION\tSTATE\tCONNS\tKEY")
+	shared := false
+	for _, d := range disks {
+		shared = shared || d.LeaseState != ""
+	}
+	if shared {
+		fmt.Fprintln(tw, "NAME\tSIZE\tSECTOR\tENCRYPTION\tSTATE\tSERVED BY\tCONNS\tKEY")
+	} else {
+		fmt.Fprintln(tw, "NAME\tSIZE\tSECTOR\tENCRYPTION\tSTATE\tCONNS\tKEY")
+	}
 	for _, d := range disks {
 		state := d.State
 		if d.StateReason != "" {
 			state += " (" + d.StateReason + ")"
+		}
+		if shared {
+			served := d.ServedBy
+			if served == "" {
+				served = "-"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%d\t%s\n", d.Name, humanSize(d.SizeBytes), d.SectorSize, d.EncryptionType, state, served, d.Connections, d.KeyID)
+			continue
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\n", d.Name, humanSize(d.SizeBytes), d.SectorSize, d.EncryptionType, state, d.Connections, d.KeyID)
 	}
@@ -412,6 +432,10 @@ func printDiskDetail(w io.Writer, d daemon.DiskInfo) error {
 		state += " (" + d.StateReason + ")"
 	}
 	row("state", state)
+	if d.LeaseState != "" {
+		row("servedBy", d.ServedBy)
+		row("leaseState", d.LeaseState)
+	}
 	row("connections", strconv.FormatInt(d.Connections, 10))
 	row("exportName", d.ExportName)
 	if len(d.Allow) > 0 {
@@ -499,4 +523,43 @@ func cmdAudit(ctx context.Context, args []string) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%.1fms\n", e.Time.Format(time.RFC3339), e.Event, e.Disk, e.KeyID, e.Principal, res, e.LatencyMS)
 	}
 	return tw.Flush()
+}
+
+// diskAttach is `disk attach` (on) and `disk detach` (off): which daemon
+// serves a disk of a shared store (--store azblob).
+func diskAttach(ctx context.Context, args []string, on bool) error {
+	cmd, force := "disk detach", "detach even while clients are connected"
+	if on {
+		cmd, force = "disk attach", "break the lease of a daemon that still serves the disk (its writes then fail and it suspends the disk)"
+	}
+	fs := newFlags(cmd, cmd+" NAME [--force]")
+	dataDir := dataDirFlag(fs)
+	forceFlag := fs.Bool("force", false, force)
+	out := outputFlag(fs)
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	name, err := oneName(cmd, pos)
+	if err != nil {
+		return err
+	}
+	if err := checkOutput(*out); err != nil {
+		return err
+	}
+	c, done, err := connect(ctx, *dataDir, nil)
+	if err != nil {
+		return err
+	}
+	defer done()
+	var di daemon.DiskInfo
+	if on {
+		di, err = c.AttachDisk(ctx, name, *forceFlag)
+	} else {
+		di, err = c.DetachDisk(ctx, name, *forceFlag)
+	}
+	if err != nil {
+		return err
+	}
+	return printDisks(*out, []daemon.DiskInfo{di}, true)
 }

@@ -58,6 +58,7 @@ func testMain(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "interop: go build: %v\n%s", err, out)
 		return 1
 	}
+	defer stopAzurite()
 	return m.Run()
 }
 
@@ -170,6 +171,9 @@ type daemonOpts struct {
 	// Extra flags for cryptnbd serve (and Env for its environment).
 	Extra []string
 	Env   []string
+	// Prepare, if set, runs on the new data directory before anything
+	// else (to copy a platform key into it, say).
+	Prepare func(dataDir string)
 }
 
 // testDaemon is one cryptnbd serve process and its data directory. Its
@@ -230,6 +234,12 @@ func startDaemon(t *testing.T, opts daemonOpts) *testDaemon {
 	t.Helper()
 	dir := shortTempDir(t)
 	d := &testDaemon{t: t, opts: opts, DataDir: filepath.Join(dir, "data"), Sock: filepath.Join(dir, "nbd.sock"), logs: &syncBuffer{}}
+	if opts.Prepare != nil {
+		if err := os.MkdirAll(d.DataDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		opts.Prepare(d.DataDir)
+	}
 	for _, ds := range opts.Disks {
 		args := []string{"disk", "create", ds.Name, "--size", ds.Size}
 		if ds.SectorSize != 0 {

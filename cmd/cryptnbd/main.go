@@ -29,6 +29,9 @@ Usage:
                                               encrypt a raw image into a new disk (holes kept)
   cryptnbd disk export NAME|DISK@SNAP --to FILE|nbd://HOST/EXPORT|-
                                               write the plaintext out (audited; sparse file)
+  cryptnbd disk attach NAME [--force]         --store azblob: serve a disk here (take over a dead
+                                              daemon's after its lease expires; --force breaks it)
+  cryptnbd disk detach NAME                   --store azblob: stop serving it and release its lease
   cryptnbd snapshot create NAME --source DISK  crash-consistent, read-only snapshot DISK@NAME
   cryptnbd snapshot list [--source DISK] | show DISK@SNAP | delete DISK@SNAP
   cryptnbd des create NAME --key-url URL [--auto-key-rotation]

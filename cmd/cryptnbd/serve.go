@@ -41,6 +41,12 @@ func cmdServe(ctx context.Context, args []string) error {
 	idle := fs.Duration("idle-timeout", 0, "close an NBD connection idle this long with nothing in flight (0: never)")
 	apiListen := fs.String("api-listen", "", "also serve the management API over HTTPS on this address, requiring a client certificate verified against --tls-ca (with --tls-cert and --tls-key)")
 	adminGroup := fs.String("admin-group", "", "group whose members may use the management API (api.sock) besides the daemon's user and root")
+	store := fs.String("store", daemon.StoreFile, "where disk images live: file (sparse files in --data-dir) or azblob (page blobs in an Azure storage container, shared by many daemons)")
+	azURL := fs.String("azblob-account-url", "", "with --store azblob: the storage account, https://ACCOUNT.blob.core.windows.net/, reached with the azidentity chain (managed or workload identity, Azure CLI; role Storage Blob Data Contributor)")
+	azContainer := fs.String("azblob-container", "", "with --store azblob: the container holding the disks (created if missing)")
+	azConnStr := fs.String("azblob-connection-string", "", "with --store azblob: an account-key or SAS connection string instead of --azblob-account-url (Azurite, shared-key accounts); prefer the CRYPTNBD_AZBLOB_CONNECTION_STRING variable")
+	leaseDuration := fs.Duration("lease-duration", 30*time.Second, "with --store azblob: the blob lease a daemon holds on each disk it serves, 15s to 60s; a dead daemon's disks can be taken over after it")
+	takeover := fs.Bool("takeover", false, "with --store azblob: attach, without being asked, disks whose holder's lease expired or was broken (a dead daemon's)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "auto", "auto (text on a terminal, JSON otherwise), text or json")
 	pos, err := parse(fs, args)
@@ -103,6 +109,16 @@ func cmdServe(ctx context.Context, args []string) error {
 	if *checkEvery <= 0 || *probeEvery <= 0 || *grace <= 0 {
 		return usagef("--key-check-interval, --key-probe-interval and --key-grace must be positive")
 	}
+	sc := &daemon.StoreConfig{Kind: *store}
+	if *store == daemon.StoreAzblob {
+		sc.AccountURL, sc.Container, sc.ConnectionString = *azURL, *azContainer, *azConnStr
+		sc.LeaseDuration, sc.Takeover = *leaseDuration, *takeover
+	} else if *azURL != "" || *azContainer != "" || *azConnStr != "" || *takeover {
+		return usagef("--azblob-*, and --takeover, need --store azblob")
+	}
+	if err := sc.Check(); err != nil {
+		return usagef("%v", err)
+	}
 	log, err := newLogger(*level, *format)
 	if err != nil {
 		return err
@@ -114,7 +130,7 @@ func cmdServe(ctx context.Context, args []string) error {
 		Vault: vault, AdminGroup: *adminGroup, NBD: nopts, TLS: tlsSrv, APIListen: *apiListen, APITLS: apiTLS,
 		Watch:   keys.WatcherOptions{Interval: *checkEvery, ProbeInterval: *probeEvery, Grace: *grace, SuspendOnExpiry: *strictExpiry},
 		DataDir: *dataDir, Listen: *listen, Unix: *unixPath, MetricsListen: *metrics,
-		DemoDisk: *demo, DemoSize: size, SuspendHold: *hold, Logger: log,
+		DemoDisk: *demo, DemoSize: size, SuspendHold: *hold, Logger: log, Store: sc,
 		Ready: func(a daemon.Addrs) { printAttach(ctx, a, *dataDir) },
 	})
 }
@@ -132,7 +148,11 @@ func printAttach(ctx context.Context, a daemon.Addrs, dataDir string) {
 	w := os.Stdout
 	fmt.Fprintf(w, "cryptnbd is serving %d disk(s) from %s\n", len(disks), dataDir)
 	for _, d := range disks {
-		fmt.Fprintf(w, "  %-20s %s  %s\n", d.Name, humanSize(d.SizeBytes), d.State)
+		state := d.State
+		if d.ServedBy != "" {
+			state += ", served by " + d.ServedBy
+		}
+		fmt.Fprintf(w, "  %-20s %s  %s\n", d.Name, humanSize(d.SizeBytes), state)
 	}
 	if a.NBD != "" {
 		uri := fmt.Sprintf("nbd://%s/%s", a.NBD, name)

@@ -30,6 +30,8 @@ func NewAPI(m *Manager, auditPath string) *API {
 	a.mux.HandleFunc("DELETE /v1/disks/{name}", a.deleteDisk)
 	a.mux.HandleFunc("POST /v1/disks/{name}/resize", a.resizeDisk)
 	a.mux.HandleFunc("POST /v1/disks/{name}/recovery-secret", a.recoverySecret)
+	a.mux.HandleFunc("POST /v1/disks/{name}/attach", a.attachDisk)
+	a.mux.HandleFunc("POST /v1/disks/{name}/detach", a.detachDisk)
 	a.mux.HandleFunc("GET /v1/audit", a.audit)
 	a.mux.HandleFunc("POST /v1/disks/{name}/access", a.setAccess)
 	a.mux.HandleFunc("GET /v1/des", a.listDES)
@@ -60,7 +62,8 @@ func writeErr(w http.ResponseWriter, err error) {
 	switch {
 	case errors.Is(err, ErrNotFound), errors.Is(err, nbd.ErrUnknownExport):
 		status = http.StatusNotFound
-	case errors.Is(err, ErrExists), errors.Is(err, ErrInUse), errors.Is(err, ErrUnavailable), errors.Is(err, ErrHasSnapshots):
+	case errors.Is(err, ErrExists), errors.Is(err, ErrInUse), errors.Is(err, ErrUnavailable), errors.Is(err, ErrHasSnapshots),
+		errors.Is(err, ErrServedElsewhere):
 		status = http.StatusConflict
 	case errors.Is(err, ErrInvalid):
 		status = http.StatusBadRequest
@@ -78,7 +81,36 @@ func decode(r *http.Request, v any) error {
 }
 
 func (a *API) listDisks(w http.ResponseWriter, r *http.Request) {
+	a.refresh(r)
 	writeJSON(w, http.StatusOK, a.m.List())
+}
+
+// refresh re-reads a shared catalog before an answer about disks; if the
+// store cannot be reached the last known catalog is shown.
+func (a *API) refresh(r *http.Request) {
+	if err := a.m.Refresh(r.Context()); err != nil {
+		a.m.log.Warn("catalog refresh failed; showing the last known disks", "err", err)
+	}
+}
+
+func (a *API) attachDisk(w http.ResponseWriter, r *http.Request) {
+	force, _ := strconv.ParseBool(r.URL.Query().Get("force"))
+	di, err := a.m.Attach(r.Context(), r.PathValue("name"), force)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, di)
+}
+
+func (a *API) detachDisk(w http.ResponseWriter, r *http.Request) {
+	force, _ := strconv.ParseBool(r.URL.Query().Get("force"))
+	di, err := a.m.Detach(r.Context(), r.PathValue("name"), force)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, di)
 }
 
 func (a *API) createDisk(w http.ResponseWriter, r *http.Request) {
@@ -100,6 +132,7 @@ func (a *API) createDisk(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *API) showDisk(w http.ResponseWriter, r *http.Request) {
+	a.refresh(r)
 	di, err := a.m.Show(r.PathValue("name"))
 	if err != nil {
 		writeErr(w, err)

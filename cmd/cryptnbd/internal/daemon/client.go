@@ -256,3 +256,16 @@ func (c *Client) SetAccess(ctx context.Context, name string, a Access) (DiskInfo
 	var out DiskInfo
 	return out, c.do(ctx, http.MethodPost, "/v1/disks/"+url.PathEscape(name)+"/access", a, &out)
 }
+
+// AttachDisk makes the daemon serve a disk of a shared store; force breaks
+// another holder's lease.
+func (c *Client) AttachDisk(ctx context.Context, name string, force bool) (DiskInfo, error) {
+	var out DiskInfo
+	return out, c.do(ctx, http.MethodPost, fmt.Sprintf("/v1/disks/%s/attach?force=%t", url.PathEscape(name), force), nil, &out)
+}
+
+// DetachDisk stops serving a disk of a shared store and releases its lease.
+func (c *Client) DetachDisk(ctx context.Context, name string, force bool) (DiskInfo, error) {
+	var out DiskInfo
+	return out, c.do(ctx, http.MethodPost, fmt.Sprintf("/v1/disks/%s/detach?force=%t", url.PathEscape(name), force), nil, &out)
+}

@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
-	"os"
-	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
@@ -86,28 +84,14 @@ func parseKeyURL(s string) (string, error) {
 	return u.Scheme + "://" + u.Host, nil
 }
 
-func (m *Manager) desPath(name string) string {
-	return filepath.Join(m.cfg.DataDir, desDir, name+".json")
-}
-
-func (m *Manager) loadDES() error {
-	dir := filepath.Join(m.cfg.DataDir, desDir)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("daemon: %w", err)
-	}
-	ents, err := os.ReadDir(dir)
+// loadDES reads the disk encryption sets: DATA_DIR/des/NAME.json, or the
+// des/NAME.json blobs of a shared store.
+func (m *Manager) loadDES(ctx context.Context) error {
+	recs, err := m.images.Records(ctx, desDir)
 	if err != nil {
-		return fmt.Errorf("daemon: %w", err)
+		return fmt.Errorf("daemon: disk encryption sets: %w", err)
 	}
-	for _, de := range ents {
-		name, ok := strings.CutSuffix(de.Name(), ".json")
-		if !ok || ValidateName(name) != nil {
-			continue
-		}
-		raw, err := os.ReadFile(filepath.Join(dir, de.Name()))
-		if err != nil {
-			return fmt.Errorf("daemon: disk encryption set %s: %w", name, err)
-		}
+	for name, raw := range recs {
 		var rec DESRecord
 		if err := json.Unmarshal(raw, &rec); err != nil {
 			return fmt.Errorf("daemon: disk encryption set %s: %w", name, err)
@@ -152,7 +136,9 @@ func (m *Manager) saveDES(rec DESRecord) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(m.desPath(rec.Name), raw)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return m.images.PutRecord(ctx, desDir, rec.Name, raw)
 }
 
 // CreateDES creates a disk encryption set. As in the seed's order it checks
@@ -300,7 +286,9 @@ func (m *Manager) DeleteDES(name string) error {
 	if d := m.disksOfLocked(name); len(d) > 0 {
 		return fmt.Errorf("%w: disk encryption set %s is used by %s: delete those disks first", ErrInUse, name, strings.Join(d, ", "))
 	}
-	if err := os.Remove(m.desPath(name)); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := m.images.DeleteRecord(ctx, desDir, name); err != nil {
 		return fmt.Errorf("daemon: delete disk encryption set: %w", err)
 	}
 	delete(m.des, name)

@@ -6,15 +6,15 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
-	"github.com/cryptnbd/cryptnbd/cryptodisk/filestore"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/blobstore"
 	"github.com/cryptnbd/cryptnbd/keys"
 	"github.com/cryptnbd/cryptnbd/metrics"
 	"github.com/cryptnbd/cryptnbd/nbd"
@@ -61,25 +61,52 @@ type Config struct {
 	Watch keys.WatcherOptions
 	// Metrics receives I/O, connection, key and state figures; nil for none.
 	Metrics *metrics.Metrics
+	// Images is where disk images live; nil means files in DataDir.
+	Images Images
+	// DaemonID names this daemon to others sharing Images (the lease
+	// holder); empty for files.
+	DaemonID string
+	// Takeover makes the daemon attach, on its own, shared disks whose
+	// holder stopped renewing its lease (see Manager.Run).
+	Takeover bool
+	// LeaseDuration is the shared store's lease duration: how long Attach
+	// waits for a dead holder's lease to expire. Zero means 30 s.
+	LeaseDuration time.Duration
 }
 
 // Manager owns the disks in a data directory. Safe for concurrent use.
 type Manager struct {
-	cfg Config
-	log *slog.Logger
+	cfg    Config
+	log    *slog.Logger
+	images Images
 
 	mu      sync.Mutex
 	disks   map[string]*entry
 	snaps   map[string]*entry // snapshots by DISK@SNAP; see snapshot.go
 	des     map[string]*desEntry
 	watcher *keys.Watcher
+	// attached is what this daemon serves of a shared store; see attach.go.
+	attached map[string]bool
 }
 
 type entry struct {
-	name  string
-	path  string
-	disk  *cryptodisk.Disk
-	conns atomic.Int64
+	name string
+	path string
+	disk *cryptodisk.Disk
+	// store is disk's storage (the disk owns it), kept for snapshots.
+	store cryptodisk.Storage
+	// remote marks a disk of a shared store that this daemon does not
+	// serve; heldBy and leaseState say who does. meta is the catalog's
+	// view of it.
+	remote     bool
+	heldBy     string
+	leaseState string
+	meta       ImageMeta
+	// lost marks a disk served here whose lease was lost (it is suspended);
+	// attaching marks one being attached.
+	lost      bool
+	attaching bool
+	conns     atomic.Int64
 	// openErr is why the disk could not be opened at start (for example its
 	// key is revoked); such a disk is listed but not served.
 	openErr error
@@ -122,6 +149,10 @@ type DiskInfo struct {
 	// SharesVolumeKeyWith names the disks and snapshots made by copying this
 	// image (or that it was copied from): they hold the same volume key.
 	SharesVolumeKeyWith []string `json:"sharesVolumeKeyWith,omitempty"`
+	// ServedBy is the daemon serving the disk (its lease holder), and
+	// LeaseState the blob lease's state, on a shared store (--store azblob).
+	ServedBy   string `json:"servedBy,omitempty"`
+	LeaseState string `json:"leaseState,omitempty"`
 }
 
 // CreateRequest is the body of a disk creation.
@@ -148,7 +179,13 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.Providers[keys.PlatformName] == nil {
 		return nil, errors.New("daemon: no platform key provider")
 	}
-	m := &Manager{cfg: cfg, log: cfg.Logger, disks: map[string]*entry{}, des: map[string]*desEntry{}}
+	if cfg.Images == nil {
+		cfg.Images = NewFileImages(cfg.DataDir)
+	}
+	if cfg.LeaseDuration == 0 {
+		cfg.LeaseDuration = 30 * time.Second
+	}
+	m := &Manager{cfg: cfg, log: cfg.Logger, images: cfg.Images, disks: map[string]*entry{}, des: map[string]*desEntry{}}
 	wo := cfg.Watch
 	wo.Logger = cfg.Logger
 	userEvent := wo.OnEvent
@@ -169,41 +206,54 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 	}
 	m.watcher = keys.NewWatcher(wo)
-	if err := m.loadDES(); err != nil {
+	if err := m.loadDES(ctx); err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(cfg.DataDir, diskDir)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("daemon: %w", err)
-	}
-	ents, err := os.ReadDir(dir)
+	refs, err := m.images.List(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("daemon: %w", err)
 	}
-	for _, de := range ents {
-		n := de.Name()
-		if strings.HasSuffix(n, creatingExt) {
-			// A creation that never finished: nobody was told it exists.
-			os.Remove(filepath.Join(dir, n))
-			continue
+	var attach map[string]bool
+	if m.images.Shared() {
+		if attach, err = m.loadAttached(); err != nil {
+			return nil, err
 		}
-		name, ok := strings.CutSuffix(n, diskExt)
-		if !ok || ValidateName(name) != nil {
-			continue
-		}
-		e := &entry{name: name, path: filepath.Join(dir, n)}
+	}
+	for _, ref := range refs {
+		name := ref.Name
+		e := &entry{name: name, path: m.images.Location(name), meta: ref.Meta, heldBy: ref.HeldBy, leaseState: ref.LeaseState}
 		if e.access, err = m.loadAccess(name); err != nil {
 			return nil, fmt.Errorf("daemon: %w", err)
 		}
-		e.disk, e.info, e.openErr = m.openDisk(ctx, name, e.path)
+		if m.images.Shared() && !attach[name] {
+			e.remote = true
+			m.disks[name] = e
+			continue
+		}
+		o := OpenOptions{}
+		if m.images.Shared() {
+			o = m.leaseOptions(e, ref, false)
+		}
+		e.disk, e.store, e.info, e.openErr = m.openDisk(ctx, name, o)
 		if e.openErr != nil {
 			m.log.Error("disk not opened", "disk", name, "err", e.openErr)
+			if errors.Is(e.openErr, ErrServedElsewhere) {
+				// Taken over while this daemon was away: it is the other's now.
+				e.remote, e.openErr = true, nil
+				delete(attach, name)
+			}
 		} else {
 			m.log.Info("disk opened", "disk", name, "sizeBytes", e.disk.Size(), "kid", e.info.Token.KeyID)
+			e.heldBy, e.leaseState = m.cfg.DaemonID, leaseLeased
 		}
 		m.disks[name] = e
 		if e.disk != nil && e.info.Token.Provider == keys.KeyVaultName {
 			m.watchLocked(e, e.info.Token.Properties["des"], m.des[e.info.Token.Properties["des"]].kv)
+		}
+	}
+	if m.images.Shared() {
+		if err := m.saveAttachedLocked(); err != nil {
+			return nil, err
 		}
 	}
 	if err := m.loadSnapshots(ctx); err != nil {
@@ -212,11 +262,23 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	return m, nil
 }
 
-func (m *Manager) openDisk(ctx context.Context, name, path string) (*cryptodisk.Disk, *cryptodisk.Info, error) {
-	store, err := filestore.Open(path, false)
+// openDisk opens a disk's image read-write and unlocks it.
+func (m *Manager) openDisk(ctx context.Context, name string, o OpenOptions) (*cryptodisk.Disk, cryptodisk.Storage, *cryptodisk.Info, error) {
+	store, err := m.images.Open(ctx, name, o)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
+	d, info, err := m.unlock(ctx, name, store, true)
+	if err != nil {
+		return nil, nil, info, err
+	}
+	return d, store, info, nil
+}
+
+// unlock reads store's header and opens the disk through the provider its
+// token names, with the unwrap audited under name. On error store is
+// closed. countDEK records the unwrap in the metrics.
+func (m *Manager) unlock(ctx context.Context, name string, store cryptodisk.Storage, countDEK bool) (*cryptodisk.Disk, *cryptodisk.Info, error) {
 	info, err := cryptodisk.Inspect(ctx, store)
 	if err != nil {
 		store.Close()
@@ -230,7 +292,7 @@ func (m *Manager) openDisk(ctx context.Context, name, path string) (*cryptodisk.
 	start := time.Now()
 	d, err := cryptodisk.Open(ctx, store, p, m.diskOptions(name))
 	m.cfg.Audit.timed("unwrap", name, info.Token.KeyID, principal, start, err)
-	if err == nil {
+	if err == nil && countDEK {
 		m.dekUnwrapped(info.Token.KeyID)
 	}
 	if err != nil {
@@ -306,82 +368,22 @@ func (m *Manager) Create(ctx context.Context, r CreateRequest) (DiskInfo, error)
 	if r.SizeBytes <= 0 || r.SizeBytes%int64(r.SectorSize) != 0 {
 		return DiskInfo{}, fmt.Errorf("%w: size %d bytes: must be a positive multiple of the %d-byte sector", ErrInvalid, r.SizeBytes, r.SectorSize)
 	}
-	m.mu.Lock()
-	if _, ok := m.disks[r.Name]; ok {
-		m.mu.Unlock()
-		return DiskInfo{}, fmt.Errorf("%w: %s", ErrExists, r.Name)
-	}
 	// Reserve the name while the (slow) creation runs without the lock.
-	e := &entry{name: r.Name, path: filepath.Join(m.cfg.DataDir, diskDir, r.Name+diskExt), openErr: errors.New("being created")}
-	m.disks[r.Name] = e
-	m.mu.Unlock()
-
-	d, err := m.create(ctx, r, e.path)
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	e, err := m.reserve(ctx, r.Name, "being created")
 	if err != nil {
-		delete(m.disks, r.Name)
 		return DiskInfo{}, err
 	}
-	e.disk, e.openErr = d, nil
-	tok := d.Token()
-	e.info = &cryptodisk.Info{UUID: d.UUID(), SectorSize: d.SectorSize(), Token: tok}
-	m.log.Info("disk created", "disk", r.Name, "sizeBytes", r.SizeBytes, "kid", tok.KeyID)
-	if r.DES != "" {
-		m.watchLocked(e, r.DES, m.des[r.DES].kv)
-	}
-	return m.infoLocked(e), nil
-}
-
-func (m *Manager) create(ctx context.Context, r CreateRequest, path string) (*cryptodisk.Disk, error) {
-	var (
-		p         keys.Provider
-		principal = keys.PlatformName
-		props     = map[string]string{"name": r.Name, "encryptionType": r.EncryptionType}
-		err       error
-	)
-	if r.DES == "" {
-		if p, err = m.provider(keys.PlatformName); err != nil {
-			return nil, err
-		}
-	} else {
-		if p, principal, err = m.desProvider(ctx, r.DES); err != nil {
-			return nil, err
-		}
-		props["des"] = r.DES
-	}
-	tmp := path + creatingExt
-	store, err := filestore.Create(tmp, 0)
+	d, ni, err := m.createImage(ctx, r, nil)
 	if err != nil {
-		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+		m.abandon(e, nil, nil)
+		return DiskInfo{}, err
 	}
-	start := time.Now()
-	d, err := cryptodisk.Create(ctx, store, p, cryptodisk.CreateOptions{
-		SizeBytes: r.SizeBytes, SectorSize: r.SectorSize, Provider: p.Name(), Label: r.Name,
-		Properties:      props,
-		PBKDFIterations: m.cfg.PBKDFIterations,
-	}, m.diskOptions(r.Name))
-	kid := ""
-	if d != nil {
-		kid = d.Token().KeyID
-	}
-	m.cfg.Audit.timed("wrap", r.Name, kid, principal, start, err)
+	di, err := m.publish(ctx, e, d, ni)
 	if err != nil {
-		store.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+		return DiskInfo{}, fmt.Errorf("daemon: create %s: %w", r.Name, err)
 	}
-	if err := os.Rename(tmp, path); err != nil {
-		d.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
-	}
-	if err := syncDir(filepath.Dir(path)); err != nil {
-		d.Close()
-		os.Remove(path)
-		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
-	}
-	return d, nil
+	m.log.Info("disk created", "disk", r.Name, "sizeBytes", r.SizeBytes, "kid", di.KeyID)
+	return di, nil
 }
 
 func syncDir(dir string) error {
@@ -427,6 +429,20 @@ func (m *Manager) infoLocked(e *entry) DiskInfo {
 		di.SizeBytes = e.info.SizeBytes
 	}
 	di.SharesVolumeKeyWith = m.sharersLocked(e)
+	if m.images.Shared() {
+		di.ServedBy, di.LeaseState = e.heldBy, e.leaseState
+		if e.info == nil {
+			di.EncryptionType, di.SectorSize, di.SizeBytes = e.meta.EncryptionType, e.meta.SectorSize, e.meta.SizeBytes
+		}
+	}
+	if e.remote {
+		di.State = StateDetached
+		di.StateReason = "not attached here"
+		if e.heldBy != "" {
+			di.StateReason = "served by " + e.heldBy
+		}
+		return di
+	}
 	if e.disk == nil {
 		di.State = "Unavailable"
 		if e.openErr != nil {
@@ -458,6 +474,10 @@ func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 		m.mu.Unlock()
 		return fmt.Errorf("%w: %s", ErrNotFound, name)
 	}
+	if e.remote {
+		m.mu.Unlock()
+		return fmt.Errorf("%w: %s: attach it to this daemon first (cryptnbd disk attach %s)", ErrServedElsewhere, name, name)
+	}
 	if n := e.conns.Load(); n > 0 && !force {
 		m.mu.Unlock()
 		return fmt.Errorf("%w: %s has %d; disconnect them or use --force", ErrInUse, name, n)
@@ -474,8 +494,23 @@ func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 	if e.disk != nil {
 		e.disk.Close()
 	}
-	if err := shred(ctx, e.path); err != nil {
+	if err := m.images.Remove(ctx, name); err != nil {
 		return fmt.Errorf("daemon: delete %s: %w", name, err)
+	}
+	if m.images.Shared() {
+		// A blob goes with its snapshots.
+		m.mu.Lock()
+		for _, full := range m.snapshotsOfLocked(name) {
+			if se := m.snaps[full]; se.disk != nil {
+				se.disk.Close()
+			}
+			delete(m.snaps, full)
+		}
+		err := m.setAttachedLocked(name, false)
+		m.mu.Unlock()
+		if err != nil {
+			m.log.Warn("attached-disk list not saved", "err", err)
+		}
 	}
 	os.Remove(m.accessPath(name))
 	if mx := m.cfg.Metrics; mx != nil {
@@ -494,6 +529,14 @@ func (m *Manager) Resize(ctx context.Context, name string, size int64) (DiskInfo
 	}
 	if err := e.disk.Grow(ctx, size); err != nil {
 		return DiskInfo{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	if bs, ok := e.store.(*blobstore.Store); ok {
+		// Keep the catalog's size current for daemons that do not serve it.
+		md := bs.Metadata()
+		md[metaSize] = strconv.FormatInt(e.disk.Size(), 10)
+		if err := bs.SetMetadata(ctx, md); err != nil {
+			m.log.Warn("disk resized, but its catalog size was not updated", "disk", name, "err", err)
+		}
 	}
 	m.log.Info("disk resized", "disk", name, "sizeBytes", size)
 	return m.Show(name)
@@ -540,6 +583,11 @@ func (m *Manager) Close(ctx context.Context) error {
 	var errs []error
 	for _, e := range m.disks {
 		if e.disk == nil {
+			continue
+		}
+		if e.lost {
+			// Its writes cannot land; the loss was reported when it happened.
+			e.disk.Close()
 			continue
 		}
 		if err := e.disk.Flush(ctx); err != nil {

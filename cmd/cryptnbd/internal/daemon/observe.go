@@ -50,6 +50,9 @@ func (m *Manager) DiskStates() []metrics.DiskState {
 	defer m.mu.Unlock()
 	out := make([]metrics.DiskState, 0, len(m.disks))
 	for _, e := range m.disks {
+		if e.remote {
+			continue // served by another daemon, which reports it
+		}
 		ds := metrics.DiskState{Name: e.name, State: "Unavailable"}
 		if e.disk != nil {
 			st, reason, since := e.disk.State()
@@ -63,10 +66,11 @@ func (m *Manager) DiskStates() []metrics.DiskState {
 	return out
 }
 
-// Ready reports nil once every disk is open or deliberately suspended.
+// Ready reports nil once every disk is open or deliberately suspended
+// (disks of a shared store that other daemons serve do not count).
 func (m *Manager) Ready() error {
 	for _, d := range m.List() {
-		if d.State != string(cryptodisk.StateActive) && d.State != string(cryptodisk.StateSuspended) {
+		if d.State != string(cryptodisk.StateActive) && d.State != string(cryptodisk.StateSuspended) && d.State != StateDetached {
 			return &notReady{d.Name, d.State, d.StateReason}
 		}
 	}

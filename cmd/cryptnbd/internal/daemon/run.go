@@ -52,6 +52,8 @@ type ServeConfig struct {
 	// client certificate verified by APITLS (which must verify peers).
 	APIListen string
 	APITLS    *tls.Config
+	// Store says where disk images live; nil means files in DataDir.
+	Store *StoreConfig
 }
 
 // StateOptions open a data directory.
@@ -64,6 +66,9 @@ type StateOptions struct {
 	Watch           keys.WatcherOptions
 	// Metrics, if set, is fed by the disks, connections and key checks.
 	Metrics *metrics.Metrics
+	// Store says where disk images live. nil means what DATA_DIR/store.json
+	// says (files if it does not exist); a non-nil Store is saved there.
+	Store *StoreConfig
 }
 
 // Addrs are the bound addresses, for callers that asked for port 0.
@@ -81,7 +86,9 @@ type State struct {
 	Manager  *Manager
 	Audit    *Audit
 	Platform *keys.Platform
-	lock     *os.File
+	// Store is the kind of store the images are in: file or azblob.
+	Store string
+	lock  *os.File
 }
 
 // OpenState locks dataDir for this process and opens everything in it. A
@@ -115,10 +122,31 @@ func OpenState(ctx context.Context, o StateOptions) (*State, error) {
 		st.Close(ctx)
 		return nil, err
 	}
+	sc := o.Store
+	if sc == nil {
+		if sc, err = loadStoreConfig(dataDir); err != nil {
+			st.Close(ctx)
+			return nil, err
+		}
+	} else if err := saveStoreConfig(dataDir, sc); err != nil {
+		st.Close(ctx)
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	if err := sc.Check(); err != nil {
+		st.Close(ctx)
+		return nil, err
+	}
+	images, id, err := openImages(ctx, dataDir, sc, o.Vault, log)
+	if err != nil {
+		st.Close(ctx)
+		return nil, err
+	}
+	st.Store = sc.Kind
 	st.Manager, err = NewManager(ctx, Config{
 		DataDir: dataDir, Logger: log, Audit: st.Audit, Disk: o.Disk, PBKDFIterations: o.PBKDFIterations,
 		Providers: map[string]keys.Provider{keys.PlatformName: st.Platform},
 		Vault:     o.Vault, Watch: o.Watch, Metrics: o.Metrics,
+		Images: images, DaemonID: id, Takeover: sc.Takeover, LeaseDuration: sc.LeaseDuration,
 	})
 	if err != nil {
 		st.Close(ctx)
@@ -161,7 +189,7 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 		mx.SetKeyGrace(cfg.Watch.Grace)
 	}
 	st, err := OpenState(ctx, StateOptions{DataDir: cfg.DataDir, Logger: log, Disk: cryptodisk.Options{SuspendHold: cfg.SuspendHold},
-		PBKDFIterations: cfg.PBKDFIterations, Vault: cfg.Vault, Watch: cfg.Watch, Metrics: mx})
+		PBKDFIterations: cfg.PBKDFIterations, Vault: cfg.Vault, Watch: cfg.Watch, Metrics: mx, Store: cfg.Store})
 	if err != nil {
 		return err
 	}
@@ -173,6 +201,9 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 		}
 	}()
 	if cfg.DemoDisk != "" {
+		if err := st.Manager.Refresh(ctx); err != nil {
+			return err
+		}
 		if _, err := st.Manager.Show(cfg.DemoDisk); errors.Is(err, ErrNotFound) {
 			if _, err := st.Manager.Create(ctx, CreateRequest{Name: cfg.DemoDisk, SizeBytes: cfg.DemoSize}); err != nil {
 				return fmt.Errorf("demo disk: %w", err)

@@ -9,11 +9,9 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
-	"github.com/cryptnbd/cryptnbd/cryptodisk/filestore"
 	"github.com/cryptnbd/cryptnbd/keys"
 	"github.com/cryptnbd/cryptnbd/nbd"
 )
@@ -70,75 +68,47 @@ func SplitSnapshotName(full string) (disk, snap string, err error) {
 	return disk, snap, nil
 }
 
-func (m *Manager) snapPath(full string) string {
-	return filepath.Join(m.cfg.DataDir, snapDir, full+diskExt)
-}
-
 // loadSnapshots opens every snapshot read-only; like disks, one that cannot
 // be opened is listed with its error.
 func (m *Manager) loadSnapshots(ctx context.Context) error {
 	m.snaps = map[string]*entry{}
-	dir := filepath.Join(m.cfg.DataDir, snapDir)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("daemon: %w", err)
-	}
-	ents, err := os.ReadDir(dir)
+	names, err := m.images.Snapshots(ctx)
 	if err != nil {
 		return fmt.Errorf("daemon: %w", err)
 	}
-	for _, de := range ents {
-		n := de.Name()
-		if strings.HasSuffix(n, creatingExt) {
-			os.Remove(filepath.Join(dir, n))
-			continue
-		}
-		full, ok := strings.CutSuffix(n, diskExt)
-		if !ok {
-			continue
-		}
+	for _, full := range names {
 		if _, _, err := SplitSnapshotName(full); err != nil {
 			continue
 		}
-		e := &entry{name: full, path: filepath.Join(dir, n)}
-		e.disk, e.info, e.openErr = m.openImage(ctx, full, e.path, true)
-		if e.openErr != nil {
-			m.log.Error("snapshot not opened", "snapshot", full, "err", e.openErr)
-		}
-		m.snaps[full] = e
-		if e.disk != nil && e.info.Token.Provider == keys.KeyVaultName {
-			if de, ok := m.des[e.info.Token.Properties["des"]]; ok {
-				m.watchLocked(e, de.rec.Name, de.kv)
-			}
-		}
+		m.addSnapshotLocked(ctx, full)
 	}
 	return nil
 }
 
-// openImage opens an image through the provider its token names, with the
-// unwrap audited under name.
-func (m *Manager) openImage(ctx context.Context, name, path string, readOnly bool) (*cryptodisk.Disk, *cryptodisk.Info, error) {
-	store, err := filestore.Open(path, readOnly)
+// addSnapshotLocked opens snapshot full and adds it to the table.
+func (m *Manager) addSnapshotLocked(ctx context.Context, full string) *entry {
+	e := &entry{name: full, path: m.images.Location(full)}
+	e.disk, e.info, e.openErr = m.openSnapshot(ctx, full)
+	if e.openErr != nil {
+		m.log.Error("snapshot not opened", "snapshot", full, "err", e.openErr)
+	}
+	m.snaps[full] = e
+	if e.disk != nil && e.info.Token.Provider == keys.KeyVaultName {
+		if de, ok := m.des[e.info.Token.Properties["des"]]; ok {
+			m.watchLocked(e, de.rec.Name, de.kv)
+		}
+	}
+	return e
+}
+
+// openSnapshot opens a snapshot read-only through the provider its token
+// names, with the unwrap audited under its name.
+func (m *Manager) openSnapshot(ctx context.Context, full string) (*cryptodisk.Disk, *cryptodisk.Info, error) {
+	store, err := m.images.OpenSnapshot(ctx, full)
 	if err != nil {
 		return nil, nil, err
 	}
-	info, err := cryptodisk.Inspect(ctx, store)
-	if err != nil {
-		store.Close()
-		return nil, nil, err
-	}
-	p, principal, err := m.providerFor(info.Token)
-	if err != nil {
-		store.Close()
-		return nil, info, err
-	}
-	start := time.Now()
-	d, err := cryptodisk.Open(ctx, store, p, m.diskOptions(name))
-	m.cfg.Audit.timed("unwrap", name, info.Token.KeyID, principal, start, err)
-	if err != nil {
-		store.Close()
-		return nil, info, err
-	}
-	return d, info, nil
+	return m.unlock(ctx, full, store, false)
 }
 
 // CreateSnapshot takes a crash-consistent snapshot of a disk: the image is
@@ -163,7 +133,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, r SnapshotRequest) (Snapsh
 		m.mu.Unlock()
 		return SnapshotInfo{}, fmt.Errorf("%w: snapshot %s", ErrExists, full)
 	}
-	e := &entry{name: full, path: m.snapPath(full), openErr: errors.New("being created")}
+	e := &entry{name: full, path: m.images.Location(full), openErr: errors.New("being created")}
 	m.snaps[full] = e
 	m.mu.Unlock()
 	fail := func(err error) (SnapshotInfo, error) {
@@ -173,24 +143,20 @@ func (m *Manager) CreateSnapshot(ctx context.Context, r SnapshotRequest) (Snapsh
 		return SnapshotInfo{}, fmt.Errorf("daemon: snapshot %s: %w", full, err)
 	}
 
-	tmp := e.path + creatingExt
 	var method string
 	start := time.Now()
 	err = src.disk.Barrier(func() error {
 		var err error
-		method, err = cloneFile(ctx, src.path, tmp)
+		method, err = m.images.Snapshot(ctx, src.store, r.Source, full)
 		return err
 	})
 	if err != nil {
 		return fail(err)
 	}
 	paused := time.Since(start)
-	if err := publishFile(tmp, e.path, 0o400); err != nil {
-		return fail(err)
-	}
-	d, info, err := m.openImage(ctx, full, e.path, true)
+	d, info, err := m.openSnapshot(ctx, full)
 	if err != nil {
-		os.Remove(e.path)
+		m.images.RemoveSnapshot(context.WithoutCancel(ctx), full)
 		return fail(err)
 	}
 	m.mu.Lock()
@@ -255,12 +221,7 @@ func (m *Manager) snapInfoLocked(e *entry) SnapshotInfo {
 	disk, snap, _ := strings.Cut(e.name, "@")
 	si := SnapshotInfo{Name: e.name, Snapshot: snap, Source: disk, Path: e.path, ExportName: e.name,
 		ReadOnly: true, Connections: e.conns.Load()}
-	if st, err := os.Stat(e.path); err == nil {
-		si.Created = st.ModTime().UTC()
-		if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-			si.AllocatedBytes = sys.Blocks * 512
-		}
-	}
+	si.Created, si.AllocatedBytes = m.images.SnapshotStat(e.name)
 	if e.info != nil {
 		tok := e.info.Token
 		si.KeyProvider, si.KeyID, si.UUID, si.SectorSize = tok.Provider, tok.KeyID, e.info.UUID, e.info.SectorSize
@@ -305,10 +266,7 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, full string, force bool) e
 	if e.disk != nil {
 		e.disk.Close()
 	}
-	if err := os.Chmod(e.path, 0o600); err != nil {
-		return fmt.Errorf("daemon: delete snapshot %s: %w", full, err)
-	}
-	if err := shred(ctx, e.path); err != nil {
+	if err := m.images.RemoveSnapshot(ctx, full); err != nil {
 		return fmt.Errorf("daemon: delete snapshot %s: %w", full, err)
 	}
 	m.cfg.Audit.Record(AuditEvent{Event: "delete-snapshot", Disk: e.name[:strings.IndexByte(e.name, '@')], Detail: full})

@@ -6,13 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"strconv"
 	"time"
 
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
-	"github.com/cryptnbd/cryptnbd/cryptodisk/filestore"
 	"github.com/cryptnbd/cryptnbd/keys"
 )
 
@@ -61,28 +58,35 @@ type Progress func(doneBytes, totalBytes int64)
 
 // reserve claims name in the disk table while a disk is being made, as
 // Create does: the entry is listed as unavailable and not served until
-// publish fills it in.
-func (m *Manager) reserve(name, why string) (*entry, error) {
+// publish fills it in. On a shared store the catalog is read first, so a
+// disk another daemon made is not made twice.
+func (m *Manager) reserve(ctx context.Context, name, why string) (*entry, error) {
+	if m.images.Shared() {
+		if err := m.Refresh(ctx); err != nil {
+			return nil, err
+		}
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if _, ok := m.disks[name]; ok {
 		return nil, fmt.Errorf("%w: %s", ErrExists, name)
 	}
-	e := &entry{name: name, path: m.diskPath(name), openErr: errors.New(why)}
+	e := &entry{name: name, path: m.images.Location(name), openErr: errors.New(why)}
 	m.disks[name] = e
 	return e, nil
 }
 
-func (m *Manager) diskPath(name string) string {
-	return filepath.Join(m.cfg.DataDir, diskDir, name+diskExt)
-}
-
-// abandon drops a reservation and the temporary image behind it.
-func (m *Manager) abandon(e *entry, d *cryptodisk.Disk, tmp string) {
+// abandon drops a reservation and the image being made behind it (ni may
+// be nil).
+func (m *Manager) abandon(e *entry, d *cryptodisk.Disk, ni *NewImage) {
 	if d != nil {
 		d.Close()
+	} else if ni != nil {
+		ni.Store.Close()
 	}
-	os.Remove(tmp)
+	if ni != nil {
+		ni.Abort()
+	}
 	m.mu.Lock()
 	if m.disks[e.name] == e {
 		delete(m.disks, e.name)
@@ -90,35 +94,36 @@ func (m *Manager) abandon(e *entry, d *cryptodisk.Disk, tmp string) {
 	m.mu.Unlock()
 }
 
-// publish makes a disk built at tmp durable, renames it into place and
+// publish makes a disk built on ni durable, commits it under its name and
 // fills in its reservation. On error the disk is abandoned.
-func (m *Manager) publish(ctx context.Context, e *entry, d *cryptodisk.Disk, tmp string) (DiskInfo, error) {
+func (m *Manager) publish(ctx context.Context, e *entry, d *cryptodisk.Disk, ni *NewImage) (DiskInfo, error) {
 	if err := d.Flush(ctx); err != nil {
-		m.abandon(e, d, tmp)
+		m.abandon(e, d, ni)
 		return DiskInfo{}, fmt.Errorf("daemon: %s: %w", e.name, err)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.disks[e.name] != e { // deleted while being made
 		d.Close()
-		os.Remove(tmp)
+		ni.Abort()
 		return DiskInfo{}, fmt.Errorf("%w: %s was deleted while being made", ErrNotFound, e.name)
 	}
-	if err := os.Rename(tmp, e.path); err != nil {
+	if err := ni.Commit(ctx); err != nil {
 		delete(m.disks, e.name)
 		d.Close()
-		os.Remove(tmp)
-		return DiskInfo{}, fmt.Errorf("daemon: %s: %w", e.name, err)
-	}
-	if err := syncDir(filepath.Dir(e.path)); err != nil {
-		delete(m.disks, e.name)
-		d.Close()
-		os.Remove(e.path)
+		ni.Abort()
 		return DiskInfo{}, fmt.Errorf("daemon: %s: %w", e.name, err)
 	}
 	tok := d.Token()
-	e.disk, e.openErr = d, nil
+	e.disk, e.store, e.openErr = d, ni.Store, nil
 	e.info = &cryptodisk.Info{UUID: d.UUID(), SectorSize: d.SectorSize(), SizeBytes: d.Size(), Token: tok}
+	if m.images.Shared() {
+		e.heldBy, e.leaseState = m.cfg.DaemonID, leaseLeased
+		e.meta = metaOf(d)
+		if err := m.setAttachedLocked(e.name, true); err != nil {
+			m.log.Error("attached-disk list not saved; the disk will not be re-attached at restart", "disk", e.name, "err", err)
+		}
+	}
 	if des := tok.Properties["des"]; des != "" {
 		if de, ok := m.des[des]; ok {
 			m.watchLocked(e, des, de.kv)
@@ -159,9 +164,10 @@ func checkCreate(r *CreateRequest) error {
 	return nil
 }
 
-// createImage formats a new disk at tmp under a fresh volume key, wrapped
-// by the platform key or r.DES's key. The caller publishes or abandons it.
-func (m *Manager) createImage(ctx context.Context, r CreateRequest, tmp string, extra map[string]string) (*cryptodisk.Disk, error) {
+// createImage formats a new disk under a fresh volume key, wrapped by the
+// platform key or r.DES's key, on an image that is not yet visible. The
+// caller publishes or abandons it.
+func (m *Manager) createImage(ctx context.Context, r CreateRequest, extra map[string]string) (*cryptodisk.Disk, *NewImage, error) {
 	var (
 		p         keys.Provider
 		principal = keys.PlatformName
@@ -173,20 +179,21 @@ func (m *Manager) createImage(ctx context.Context, r CreateRequest, tmp string, 
 	}
 	if r.DES == "" {
 		if p, err = m.provider(keys.PlatformName); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	} else {
 		if p, principal, err = m.desProvider(ctx, r.DES); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		props["des"] = r.DES
 	}
-	store, err := filestore.Create(tmp, 0)
+	ni, err := m.images.Create(ctx, r.Name, ImageMeta{EncryptionType: r.EncryptionType, DES: r.DES, SectorSize: r.SectorSize, SizeBytes: r.SizeBytes},
+		func() { m.leaseLost(r.Name) })
 	if err != nil {
-		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+		return nil, nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
 	}
 	start := time.Now()
-	d, err := cryptodisk.Create(ctx, store, p, cryptodisk.CreateOptions{
+	d, err := cryptodisk.Create(ctx, ni.Store, p, cryptodisk.CreateOptions{
 		SizeBytes: r.SizeBytes, SectorSize: r.SectorSize, Provider: p.Name(), Label: r.Name,
 		Properties: props, PBKDFIterations: m.cfg.PBKDFIterations,
 	}, m.diskOptions(r.Name))
@@ -196,11 +203,11 @@ func (m *Manager) createImage(ctx context.Context, r CreateRequest, tmp string, 
 	}
 	m.cfg.Audit.timed("wrap", r.Name, kid, principal, start, err)
 	if err != nil {
-		store.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
+		ni.Store.Close()
+		ni.Abort()
+		return nil, nil, fmt.Errorf("daemon: create %s: %w", r.Name, err)
 	}
-	return d, nil
+	return d, ni, nil
 }
 
 // createFromSnapshot makes disk r.Name with the contents of snapshot
@@ -261,30 +268,33 @@ func (m *Manager) createFromSnapshot(ctx context.Context, r CreateRequest, progr
 	if err := checkCreate(&r); err != nil {
 		return DiskInfo{}, err
 	}
-	e, err := m.reserve(r.Name, "being created")
+	e, err := m.reserve(ctx, r.Name, "being created")
 	if err != nil {
 		return DiskInfo{}, err
 	}
-	tmp := e.path + creatingExt
-	var d *cryptodisk.Disk
+	var (
+		d  *cryptodisk.Disk
+		ni *NewImage
+	)
 	if r.Reencrypt {
-		d, err = m.createImage(ctx, r, tmp, map[string]string{"source": r.Source})
+		d, ni, err = m.createImage(ctx, r, map[string]string{"source": r.Source})
 		if err != nil {
-			m.abandon(e, nil, tmp)
+			m.abandon(e, nil, nil)
 			return DiskInfo{}, err
 		}
 		if err := copyPlaintext(ctx, d, se.disk, size, progress); err != nil {
-			m.abandon(e, d, tmp)
+			m.abandon(e, d, ni)
 			return DiskInfo{}, fmt.Errorf("daemon: re-encrypt %s into %s: %w", r.Source, r.Name, err)
 		}
 	} else {
-		// The snapshot is read-only: no barrier is needed to copy it.
-		if _, err := cloneFile(ctx, se.path, tmp); err != nil {
-			m.abandon(e, nil, tmp)
+		meta := ImageMeta{EncryptionType: r.EncryptionType, DES: r.DES, SectorSize: r.SectorSize, SizeBytes: r.SizeBytes}
+		if ni, err = m.images.CloneSnapshot(ctx, r.Source, r.Name, meta, func() { m.leaseLost(r.Name) }); err != nil {
+			m.abandon(e, nil, nil)
 			return DiskInfo{}, fmt.Errorf("daemon: create %s: %w", r.Name, err)
 		}
-		if d, _, err = m.openImage(ctx, r.Name, tmp, false); err != nil {
-			m.abandon(e, nil, tmp)
+		if d, _, err = m.unlock(ctx, r.Name, ni.Store, false); err != nil {
+			ni.Abort()
+			m.abandon(e, nil, nil)
 			return DiskInfo{}, fmt.Errorf("daemon: create %s: %w", r.Name, err)
 		}
 		err := d.SetProperties(ctx, map[string]string{"name": r.Name, "source": r.Source})
@@ -292,14 +302,14 @@ func (m *Manager) createFromSnapshot(ctx context.Context, r CreateRequest, progr
 			err = d.Grow(ctx, r.SizeBytes)
 		}
 		if err != nil {
-			m.abandon(e, d, tmp)
+			m.abandon(e, d, ni)
 			return DiskInfo{}, fmt.Errorf("daemon: create %s: %w", r.Name, err)
 		}
 		if progress != nil {
 			progress(size, size)
 		}
 	}
-	di, err := m.publish(ctx, e, d, tmp)
+	di, err := m.publish(ctx, e, d, ni)
 	if err != nil {
 		return DiskInfo{}, err
 	}
@@ -371,24 +381,23 @@ func (m *Manager) ImportImage(ctx context.Context, r CreateRequest, body io.Read
 			return DiskInfo{}, fmt.Errorf("%w: %w", ErrInvalid, err)
 		}
 	}
-	e, err := m.reserve(r.Name, "being imported")
+	e, err := m.reserve(ctx, r.Name, "being imported")
 	if err != nil {
 		return DiskInfo{}, err
 	}
-	tmp := e.path + creatingExt
-	d, err := m.createImage(ctx, r, tmp, nil)
+	d, ni, err := m.createImage(ctx, r, nil)
 	if err != nil {
-		m.abandon(e, nil, tmp)
+		m.abandon(e, nil, nil)
 		return DiskInfo{}, err
 	}
 	start := time.Now()
 	written, err := fill(ctx, d, body, r.SizeBytes)
 	if err != nil {
-		m.abandon(e, d, tmp)
+		m.abandon(e, d, ni)
 		m.log.Warn("import abandoned", "disk", r.Name, "err", err)
 		return DiskInfo{}, fmt.Errorf("daemon: import %s: %w", r.Name, err)
 	}
-	di, err := m.publish(ctx, e, d, tmp)
+	di, err := m.publish(ctx, e, d, ni)
 	if err != nil {
 		return DiskInfo{}, err
 	}

@@ -133,6 +133,9 @@ func (m *Manager) Run(ctx context.Context) error {
 	if interval <= 0 {
 		interval = 30 * time.Second
 	}
+	if m.images.Shared() {
+		go m.runShared(ctx)
+	}
 	go func() {
 		t := time.NewTicker(interval)
 		defer t.Stop()
@@ -156,15 +159,19 @@ func (m *Manager) retryUnavailable(ctx context.Context) {
 	m.mu.Lock()
 	var retry []*entry
 	for _, e := range m.disks {
-		if e.disk == nil && e.info != nil {
+		if e.disk == nil && e.info != nil && !e.remote {
 			retry = append(retry, e)
 		}
 	}
 	m.mu.Unlock()
 	for _, e := range retry {
-		d, info, err := m.openDisk(ctx, e.name, e.path)
+		o := OpenOptions{}
+		if m.images.Shared() {
+			o = m.leaseOptions(e, ImageRef{Name: e.name}, false)
+		}
+		d, store, info, err := m.openDisk(ctx, e.name, o)
 		m.mu.Lock()
-		if cur, ok := m.disks[e.name]; !ok || cur != e || e.disk != nil {
+		if cur, ok := m.disks[e.name]; !ok || cur != e || e.disk != nil || e.remote {
 			m.mu.Unlock()
 			if d != nil {
 				d.Close()
@@ -176,7 +183,7 @@ func (m *Manager) retryUnavailable(ctx context.Context) {
 			m.mu.Unlock()
 			continue
 		}
-		e.disk, e.info, e.openErr = d, info, nil
+		e.disk, e.store, e.info, e.openErr = d, store, info, nil
 		if info.Token.Provider == keys.KeyVaultName {
 			if de, ok := m.des[info.Token.Properties["des"]]; ok {
 				m.watchLocked(e, de.rec.Name, de.kv)
