@@ -334,7 +334,11 @@ describe_machine() {
 		echo "kernel: $(uname -sr)"
 		echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")"
 		echo "go: $("$GO" version)"
-		echo "cryptnbd: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet HEAD -- . 2>/dev/null || echo ' (with uncommitted changes)')"
+		if [ -n "$CRYPTNBD_BIN" ]; then
+			echo "cryptnbd: prebuilt $CRYPTNBD_BIN (CRYPTNBD_BIN; the tree is at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown))"
+		else
+			echo "cryptnbd: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet HEAD -- . 2>/dev/null || echo ' (with uncommitted changes)')"
+		fi
 		echo "nbdkit: $(nbdkit --version | head -1)"
 		echo "qemu-nbd: $(qemu-nbd --version | head -1)"
 		echo "nbd-server: $(nbd-server --version 2>&1 | sed -n 's/.*version //p' | head -1)"
