@@ -17,7 +17,7 @@ TEST_CMDS := nbdinfo nbdcopy nbdsh nbdfuse qemu-io qemu-img fio cryptsetup nbdki
 # Keep in step with azuriteVersion in cryptodisk/blobstore/azurite_test.go.
 AZURITE_VERSION := 3.37.0
 
-.PHONY: all build run test test-deps vet unit fuzz bench clean
+.PHONY: all build run run-azure test test-deps vet unit fuzz bench clean
 
 all: build
 
@@ -26,6 +26,11 @@ build:
 
 run: build
 	$(BIN) serve --data-dir $(DATA_DIR) --demo-disk demo --listen 127.0.0.1:10809 --metrics-listen 127.0.0.1:9090
+
+# The same with disks stored as Azure page blobs, in Azurite (installed,
+# pinned, into .cache/azurite by deploy/azurite/run.sh): see docs/azure-storage.md.
+run-azure: build
+	deploy/azurite/demo.sh $(BIN)
 
 test: test-deps vet unit fuzz
 

@@ -299,7 +299,7 @@ func TestAzblobTwoDaemons(t *testing.T) {
 	// Data the first daemon acknowledged and flushed.
 	qemuIOOK(t, a.URI("alpha"), "write -P 0x5c 0 2M", "write -P 0x6d 5M 3000", "flush")
 
-	r := b.CLI("disk", "attach", "alpha")
+	r := b.CLI("disk", "attach", "alpha", "--no-wait")
 	if r.Code == 0 || !strings.Contains(r.Stderr, idA) {
 		t.Errorf("attach of a served disk: want a refusal naming %s, got %v", idA, r)
 	}
@@ -330,7 +330,7 @@ func TestAzblobLeaseBroken(t *testing.T) {
 	t.Parallel()
 	need(t, "qemu-utils", "qemu-io")
 	_, c, flags, env := azStore(t, "15s")
-	d := azDaemon(t, flags, env, "demo", "8M", "--suspend-hold", "1s")
+	d := azDaemon(t, flags, env, "demo", "8M", "--suspend-hold", "1s", "--metrics-listen", "127.0.0.1:0")
 	qemuIOOK(t, d.URI("demo"), "write -P 0x42 0 1M", "flush")
 
 	zero := int32(0)
@@ -353,5 +353,67 @@ func TestAzblobLeaseBroken(t *testing.T) {
 	s := azShow(t, d, "demo")
 	if s["state"] != "Suspended" || s["stateReason"] != "LeaseLost" {
 		t.Errorf("after the break: state %v (%v), want Suspended (LeaseLost)", s["state"], s["stateReason"])
+	}
+	_, scrape := httpGet(t, "http://"+d.metricsAddr(t)+"/metrics")
+	if v := sample(scrape, `cryptnbd_disk_suspended{disk="demo",reason="LeaseLost"}`); v != 1 {
+		t.Errorf(`cryptnbd_disk_suspended{disk="demo",reason="LeaseLost"} = %v, want 1`, v)
+	}
+
+	// A daemon with --takeover picks the orphaned disk up on its own, with
+	// the data written before the break.
+	b := startDaemon(t, daemonOpts{Extra: append(append([]string{}, flags...), "--takeover"), Env: env, Prepare: samePlatformKey(t, d)})
+	idB := daemonIDOf(t, b)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		s := azShow(t, b, "demo")
+		if s["state"] == "Active" && s["servedBy"] == idB {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("--takeover did not pick up the broken disk: %v", s)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	qemuIOOK(t, b.URI("demo"), "read -P 0x42 0 1M")
+}
+
+// TestAzblobSnapshot: a snapshot of a disk in a page blob is a blob
+// snapshot, served read-only as DISK@SNAP with the data of its moment, and
+// a disk made from it (same volume key) has that data too.
+func TestAzblobSnapshot(t *testing.T) {
+	t.Parallel()
+	need(t, "qemu-utils", "qemu-io")
+	_, c, flags, env := azStore(t, "")
+	d := azDaemon(t, flags, env, "demo", "8M")
+	qemuIOOK(t, d.URI("demo"), "write -P 0x21 0 1M", "flush")
+	if r := d.CLI("snapshot", "create", "s1", "--source", "demo"); r.Code != 0 {
+		t.Fatalf("snapshot create: %v", r)
+	}
+	qemuIOOK(t, d.URI("demo"), "write -P 0x22 0 1M", "flush")
+
+	if r := runCmd(t, "qemu-io", "-r", "-f", "raw", d.URI("demo@s1"), "-c", "read -P 0x21 0 1M"); r.Code != 0 || strings.Contains(r.Stdout, "failed") {
+		t.Errorf("read of the snapshot: %v", r)
+	}
+	if r := qemuIO(t, d.URI("demo@s1"), "write -P 0x23 0 4k"); r.Code == 0 && !strings.Contains(r.Stdout+r.Stderr, "failed") {
+		t.Errorf("a write to the snapshot succeeded: %v", r)
+	}
+	if r := d.CLI("disk", "create", "copy", "--source", "demo@s1"); r.Code != 0 {
+		t.Fatalf("disk create --source: %v", r)
+	}
+	qemuIOOK(t, d.URI("copy"), "read -P 0x21 0 1M", "write -P 0x24 0 4k", "flush", "read -P 0x24 0 4k")
+	qemuIOOK(t, d.URI("demo"), "read -P 0x22 0 1M")
+
+	if r := d.CLI("snapshot", "delete", "demo@s1"); r.Code != 0 {
+		t.Fatalf("snapshot delete: %v", r)
+	}
+	if r := runCmd(t, "qemu-io", "-r", "-f", "raw", d.URI("demo@s1"), "-c", "read 0 4k"); r.Code == 0 {
+		t.Errorf("the deleted snapshot is still served: %v", r)
+	}
+	// The disk, and its catalog entry, go with delete.
+	if r := d.CLI("disk", "delete", "copy"); r.Code != 0 {
+		t.Fatalf("disk delete: %v", r)
+	}
+	if _, err := c.NewBlobClient("copy").GetProperties(context.Background(), nil); err == nil {
+		t.Errorf("the deleted disk's blob still exists")
 	}
 }

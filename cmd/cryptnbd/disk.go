@@ -532,9 +532,10 @@ func diskAttach(ctx context.Context, args []string, on bool) error {
 	if on {
 		cmd, force = "disk attach", "break the lease of a daemon that still serves the disk (its writes then fail and it suspends the disk)"
 	}
-	fs := newFlags(cmd, cmd+" NAME [--force]")
+	fs := newFlags(cmd, cmd+" NAME [--force] [--no-wait]")
 	dataDir := dataDirFlag(fs)
 	forceFlag := fs.Bool("force", false, force)
+	noWait := fs.Bool("no-wait", false, "attach: refuse at once if the disk is leased, instead of waiting up to one lease duration for a dead holder's lease to expire")
 	out := outputFlag(fs)
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -554,7 +555,7 @@ func diskAttach(ctx context.Context, args []string, on bool) error {
 	defer done()
 	var di daemon.DiskInfo
 	if on {
-		di, err = c.AttachDisk(ctx, name, *forceFlag)
+		di, err = c.AttachDisk(ctx, name, *forceFlag, !*noWait)
 	} else {
 		di, err = c.DetachDisk(ctx, name, *forceFlag)
 	}

@@ -95,7 +95,8 @@ func (a *API) refresh(r *http.Request) {
 
 func (a *API) attachDisk(w http.ResponseWriter, r *http.Request) {
 	force, _ := strconv.ParseBool(r.URL.Query().Get("force"))
-	di, err := a.m.Attach(r.Context(), r.PathValue("name"), force)
+	wait := r.URL.Query().Get("wait") != "false"
+	di, err := a.m.Attach(r.Context(), r.PathValue("name"), force, wait)
 	if err != nil {
 		writeErr(w, err)
 		return

@@ -209,11 +209,11 @@ func (m *Manager) Refresh(ctx context.Context) error {
 
 // Attach makes this daemon serve a disk of a shared store. A disk another
 // daemon serves is refused with ErrServedElsewhere naming it, unless that
-// daemon stopped renewing its lease (it died): Attach waits up to one lease
-// duration for the lease to expire. force breaks a live holder's lease:
-// its next write fails and it suspends the disk. Attaching a disk whose
-// lease this daemon lost replaces the suspended disk.
-func (m *Manager) Attach(ctx context.Context, name string, force bool) (DiskInfo, error) {
+// daemon stopped renewing its lease (it died): with wait, Attach waits up
+// to one lease duration for the lease to expire. force breaks a live
+// holder's lease: its next write fails and it suspends the disk. Attaching
+// a disk whose lease this daemon lost replaces the suspended disk.
+func (m *Manager) Attach(ctx context.Context, name string, force, wait bool) (DiskInfo, error) {
 	if !m.images.Shared() {
 		return DiskInfo{}, fmt.Errorf("%w: attach is for disks on a shared store (--store azblob); every disk in the data directory is served", ErrInvalid)
 	}
@@ -250,7 +250,7 @@ func (m *Manager) Attach(ctx context.Context, name string, force bool) (DiskInfo
 		old.Close() // suspended since its lease was lost; its store holds nothing
 	}
 	o := m.leaseOptions(e, ref, force)
-	o.WaitForExpiry = !o.BreakLease
+	o.WaitForExpiry = wait && !o.BreakLease
 	wctx := ctx
 	if o.WaitForExpiry {
 		var cancel context.CancelFunc
@@ -259,10 +259,15 @@ func (m *Manager) Attach(ctx context.Context, name string, force bool) (DiskInfo
 	}
 	d, store, info, err := m.openDisk(wctx, name, o)
 	if err != nil {
-		if errors.Is(err, ErrServedElsewhere) {
-			if ctx.Err() == nil && wctx.Err() != nil {
-				err = fmt.Errorf("%w (its holder is still renewing the lease; use --force to break it)", err)
+		if ctx.Err() == nil && wctx.Err() != nil {
+			holder := ref.HeldBy
+			if holder == "" {
+				holder = "another daemon"
 			}
+			return DiskInfo{}, fmt.Errorf("%w: %s is served by %s, which kept renewing its lease for %v; use --force to break it",
+				ErrServedElsewhere, name, holder, m.cfg.LeaseDuration)
+		}
+		if errors.Is(err, ErrServedElsewhere) {
 			return DiskInfo{}, err
 		}
 		return DiskInfo{}, fmt.Errorf("daemon: attach %s: %w", name, err)
@@ -369,7 +374,7 @@ func (m *Manager) runShared(ctx context.Context) {
 		}
 		m.mu.Unlock()
 		for _, name := range orphans {
-			if _, err := m.Attach(ctx, name, false); err != nil {
+			if _, err := m.Attach(ctx, name, false, false); err != nil {
 				m.log.Warn("takeover failed", "disk", name, "err", err)
 			}
 		}

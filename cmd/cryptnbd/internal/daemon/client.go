@@ -258,10 +258,11 @@ func (c *Client) SetAccess(ctx context.Context, name string, a Access) (DiskInfo
 }
 
 // AttachDisk makes the daemon serve a disk of a shared store; force breaks
-// another holder's lease.
-func (c *Client) AttachDisk(ctx context.Context, name string, force bool) (DiskInfo, error) {
+// another holder's lease, wait waits (one lease duration at most) for a
+// dead holder's lease to expire.
+func (c *Client) AttachDisk(ctx context.Context, name string, force, wait bool) (DiskInfo, error) {
 	var out DiskInfo
-	return out, c.do(ctx, http.MethodPost, fmt.Sprintf("/v1/disks/%s/attach?force=%t", url.PathEscape(name), force), nil, &out)
+	return out, c.do(ctx, http.MethodPost, fmt.Sprintf("/v1/disks/%s/attach?force=%t&wait=%t", url.PathEscape(name), force, wait), nil, &out)
 }
 
 // DetachDisk stops serving a disk of a shared store and releases its lease.
