@@ -417,3 +417,46 @@ func TestAzblobSnapshot(t *testing.T) {
 		t.Errorf("the deleted disk's blob still exists")
 	}
 }
+
+// TestAzblobNbdfuseExt4: a kernel ext4 on a disk in a page blob, through
+// nbdfuse and a loop mount; after a daemon restart e2fsck finds it clean
+// and the files read back.
+func TestAzblobNbdfuseExt4(t *testing.T) {
+	t.Parallel()
+	need(t, "nbdfuse", "nbdfuse")
+	need(t, "fuse3", "fusermount3")
+	need(t, "e2fsprogs", "mkfs.ext4", "e2fsck")
+	need(t, "mount", "mount", "umount")
+	if ok, why := canLoopMount(t); !ok {
+		t.Skipf("cannot loop-mount here (%s); this test needs root, /dev/fuse and loop devices", why)
+	}
+	const size = 64 << 20
+	_, _, flags, env := azStore(t, "")
+	d := azDaemon(t, flags, env, "demo", "64M")
+	dir := shortTempDir(t)
+	fuseDir, mnt := filepath.Join(dir, "fuse"), filepath.Join(dir, "mnt")
+
+	disk, unfuse := nbdfuseMount(t, fuseDir, d.URI("demo"), size)
+	mustRun(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", disk)
+	umount := loopMount(t, disk, mnt)
+	want := make([]byte, 3<<20+77)
+	fillRandom(want, 7)
+	if err := os.WriteFile(filepath.Join(mnt, "data.bin"), want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, "sync", "-f", mnt)
+	umount()
+	unfuse()
+
+	d.Restart()
+	disk, unfuse = nbdfuseMount(t, fuseDir, d.URI("demo"), size)
+	if r := runCmd(t, "e2fsck", "-f", "-n", disk); r.Code != 0 {
+		t.Errorf("e2fsck -f -n after restart: %v", r)
+	}
+	umount = loopMount(t, disk, mnt)
+	if got := readFile(t, filepath.Join(mnt, "data.bin")); !bytes.Equal(got, want) {
+		t.Errorf("after restart: %s", firstDiff(got, want))
+	}
+	umount()
+	unfuse()
+}
