@@ -549,6 +549,9 @@ func (m *Manager) open(name string) (*entry, error) {
 	if !ok {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
 	}
+	if e.remote {
+		return nil, fmt.Errorf("%w: %s (%s): run the command on the daemon serving it, or attach it here", ErrServedElsewhere, name, m.infoLocked(e).StateReason)
+	}
 	if e.disk == nil {
 		return nil, fmt.Errorf("daemon: disk %s is unavailable: %w", name, e.openErr)
 	}
