@@ -144,6 +144,9 @@ func (m *Manager) Refresh(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("daemon: catalog: %w", err)
 	}
+	if err := m.refreshDES(ctx); err != nil {
+		return err
+	}
 	m.mu.Lock()
 	seen := map[string]bool{}
 	for _, ref := range refs {
@@ -379,4 +382,38 @@ func (m *Manager) runShared(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// refreshDES adds the disk encryption sets other daemons created since this
+// one read them. Changes to known sets (rotation) are made through the
+// daemon serving their disks and reach the others when they restart.
+func (m *Manager) refreshDES(ctx context.Context) error {
+	recs, err := m.images.Records(ctx, desDir)
+	if err != nil {
+		return fmt.Errorf("daemon: disk encryption sets: %w", err)
+	}
+	for name, raw := range recs {
+		m.mu.Lock()
+		_, known := m.des[name]
+		m.mu.Unlock()
+		if known {
+			continue
+		}
+		var rec DESRecord
+		if err := json.Unmarshal(raw, &rec); err != nil {
+			m.log.Warn("disk encryption set not loaded", "des", name, "err", err)
+			continue
+		}
+		kv, err := m.newKeyVault(rec)
+		if err != nil {
+			m.log.Warn("disk encryption set not loaded", "des", name, "err", err)
+			continue
+		}
+		m.mu.Lock()
+		if _, ok := m.des[name]; !ok {
+			m.des[name] = &desEntry{rec: rec, kv: kv}
+		}
+		m.mu.Unlock()
+	}
+	return nil
 }
