@@ -193,13 +193,14 @@ func keyVaultRequests(scrape, op string) float64 {
 func TestKeyVaultOffTheDataPath(t *testing.T) {
 	c := setupCMK(t, "1h", "--metrics-listen", "127.0.0.1:0", "--key-check-interval", "2s", "--key-probe-interval", "5m")
 	base := "http://" + c.d.metricsAddr(t)
-	// The watcher probes a key version once when its first disk registers;
-	// take the baseline after that.
-	deadline := time.Now().Add(15 * time.Second)
+	// Creating the disk validated the key with a test unwrap, and the
+	// watcher probes a key version once when its first disk registers;
+	// take the baseline after both.
+	deadline := time.Now().Add(30 * time.Second)
 	var before string
 	for {
 		_, before = httpGet(t, base+"/metrics")
-		if keyVaultRequests(before, "unwrapKey") >= 1 {
+		if keyVaultRequests(before, "unwrapKey") >= 2 {
 			break
 		}
 		if time.Now().After(deadline) {
