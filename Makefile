@@ -57,6 +57,8 @@ vet:
 
 unit:
 	$(GO) test -race -timeout 20m ./...
+	@# bench/cmd/benchreport is its own module (it keeps gonum out of the daemon's).
+	cd bench/cmd/benchreport && $(GO) test -race ./...
 
 # Each fuzz target runs briefly; go test allows one -fuzz target per run.
 fuzz:
