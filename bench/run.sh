@@ -9,7 +9,7 @@
 #   RUNTIME=5       seconds per fio workload
 #   TMPFS=/dev/shm  where images live; must be tmpfs (if it is not and we are
 #                   root, a tmpfs is mounted on a temporary directory instead)
-#   SERVERS="cryptnbd nbdkit nbdkit-luks qemu-nbd qemu-nbd-luks nbd-server"
+#   SERVERS="cryptnbd cryptnbd-tls cryptnbd-azblob nbdkit nbdkit-luks qemu-nbd qemu-nbd-luks nbd-server"
 #   WORKLOADS="copy-in copy-out seq-write seq-read rand-read rand-write mixed"
 #                   copy-in must stay first: it fills the image, so every read
 #                   test reads real data
@@ -30,7 +30,7 @@ else
 	ROUNDS=${ROUNDS:-3} SIZE=${SIZE:-2G} RUNTIME=${RUNTIME:-5}
 fi
 TMPFS=${TMPFS:-/dev/shm}
-DEFAULT_SERVERS="cryptnbd nbdkit nbdkit-luks qemu-nbd qemu-nbd-luks nbd-server"
+DEFAULT_SERVERS="cryptnbd cryptnbd-tls cryptnbd-azblob nbdkit nbdkit-luks qemu-nbd qemu-nbd-luks nbd-server"
 SERVERS=${SERVERS:-$DEFAULT_SERVERS}
 WORKLOADS=${WORKLOADS:-copy-in copy-out seq-write seq-read rand-read rand-write mixed}
 PORT=${PORT:-10899}
@@ -138,6 +138,50 @@ start_cryptnbd() {
 	SPID=$!
 }
 
+# cryptnbd-tls: the same disk served with --tls require, so the report
+# shows what STARTTLS costs beside plain TCP in the same run. The client
+# does not verify the server (fio cannot be given a CA through the URI);
+# the session is encrypted all the same.
+prepare_cryptnbd-tls() {
+	"$CRYPTNBD" disk create "$EXPORT" --size "$SIZE_BYTES" --data-dir "$W/cryptnbd" >/dev/null
+	"$CRYPTNBD" tls init --out "$W/tls" >/dev/null
+}
+start_cryptnbd-tls() {
+	"$CRYPTNBD" serve --data-dir "$W/cryptnbd" --listen "127.0.0.1:$P" --metrics-listen '' \
+		--tls require --tls-cert "$W/tls/server-cert.pem" --tls-key "$W/tls/server-key.pem" \
+		--log-level warn >"$W/server.log" 2>&1 &
+	SPID=$!
+	URI="nbds://127.0.0.1:$P/$EXPORT?tls-verify-peer=false"
+}
+
+# cryptnbd-azblob: disks as page blobs in Azurite, the Azure Storage
+# emulator (in memory). Azurite is a functional emulator, not a speed
+# reference: this row shows the path works under load, not what Azure does.
+AZURITE_PID=""
+prepare_cryptnbd-azblob() {
+	local ap log i
+	# free_port returns the first unbound port, which is still $P: the
+	# daemon has not bound it yet.
+	ap=$(free_port)
+	while [ "$ap" = "$P" ] || port_busy "$ap"; do ap=$((ap + 1)); done
+	log=$W/azurite.log
+	"$REPO/deploy/azurite/run.sh" --blobHost 127.0.0.1 --blobPort "$ap" --inMemoryPersistence \
+		--skipApiVersionCheck --loose --disableTelemetry >"$log" 2>&1 &
+	AZURITE_PID=$!
+	for i in $(seq 600); do
+		grep -q "listens on" "$log" 2>/dev/null && break
+		kill -0 "$AZURITE_PID" 2>/dev/null || die "azurite did not start: $(cat "$log")"
+		sleep 0.2
+	done
+	AZBLOB="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint=http://127.0.0.1:$ap/devstoreaccount1;"
+}
+start_cryptnbd-azblob() {
+	CRYPTNBD_AZBLOB_CONNECTION_STRING=$AZBLOB "$CRYPTNBD" serve --data-dir "$W/cryptnbd" --store azblob \
+		--azblob-container bench --demo-disk "$EXPORT" --demo-size "$SIZE_BYTES" \
+		--listen "127.0.0.1:$P" --metrics-listen '' --log-level warn >"$W/server.log" 2>&1 &
+	SPID=$!
+}
+
 prepare_nbdkit() { truncate -s "$SIZE_BYTES" "$W/raw.img"; }
 start_nbdkit() {
 	nbdkit -f -i 127.0.0.1 -p "$P" -e "$EXPORT" file file="$W/raw.img" >"$W/server.log" 2>&1 &
@@ -210,7 +254,7 @@ start_nbd-server() {
 }
 
 stop_server() {
-	[ -n "${SPID:-}" ] || return 0
+	[ -n "${SPID:-}" ] || { stop_azurite; return 0; }
 	local pids
 	pids=$(tree_pids "$SPID")
 	kill $pids 2>/dev/null || true
@@ -221,6 +265,14 @@ stop_server() {
 	kill -9 $pids 2>/dev/null || true
 	wait "$SPID" 2>/dev/null || true
 	SPID=""
+	stop_azurite
+}
+
+stop_azurite() {
+	[ -n "$AZURITE_PID" ] || return 0
+	kill $(tree_pids "$AZURITE_PID") 2>/dev/null || true
+	wait "$AZURITE_PID" 2>/dev/null || true
+	AZURITE_PID=""
 }
 
 wait_ready() {

@@ -34,6 +34,11 @@ type serverInfo struct {
 // Servers as bench/run.sh names them, in report order.
 var servers = []serverInfo{
 	{"cryptnbd", "cryptnbd (LUKS2, 4096-byte sectors)", "cryptnbd", "", true},
+	// The same disk over STARTTLS: its ratio to cryptnbd is what TLS costs.
+	{"cryptnbd-tls", "cryptnbd over TLS (STARTTLS, no client certificate)", "cryptnbd+tls", "cryptnbd", true},
+	// Azurite is an emulator, not a speed reference: this row shows the
+	// page-blob path under load, not what Azure Storage does.
+	{"cryptnbd-azblob", "cryptnbd on Azurite page blobs (emulator)", "cryptnbd+azurite", "cryptnbd", true},
 	{"nbdkit", "nbdkit file", "nbdkit", "", false},
 	{"nbdkit-luks", "nbdkit file + luks (LUKS1, 512-byte sectors)", "nbdkit+luks", "nbdkit", true},
 	{"qemu-nbd", "qemu-nbd raw", "qemu-nbd", "", false},
