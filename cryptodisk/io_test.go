@@ -97,7 +97,9 @@ type zeroMode struct {
 
 var zeroModes = []zeroMode{
 	{"Trim", func(d *cryptodisk.Disk, off, n int64) error { return d.Trim(context.Background(), off, n) }, false},
-	{"Zero", func(d *cryptodisk.Disk, off, n int64) error { return d.Zero(context.Background(), off, n, false, false) }, false},
+	{"Zero", func(d *cryptodisk.Disk, off, n int64) error {
+		return d.Zero(context.Background(), off, n, false, false)
+	}, false},
 	{"ZeroFast", func(d *cryptodisk.Disk, off, n int64) error { return d.Zero(context.Background(), off, n, false, true) }, false},
 	{"ZeroNoHole", func(d *cryptodisk.Disk, off, n int64) error { return d.Zero(context.Background(), off, n, true, false) }, true},
 }
