@@ -175,15 +175,16 @@ func (c *conn) serve() {
 	c.startPipeline()
 	// One line when a client starts using a disk and one when it stops;
 	// handshake-only connections (probes, LIST) stay at debug.
-	c.log = c.log.With("disk", c.exp.Name)
+	// A local logger: the pipeline's goroutines already read c.log.
+	log := c.log.With("disk", c.exp.Name)
 	started := time.Now()
-	c.log.Info("nbd: connection opened", "remote", c.nc.RemoteAddr().String(), "tls", c.tc != nil, "readOnly", c.exp.ReadOnly)
+	log.Info("nbd: connection opened", "remote", c.nc.RemoteAddr().String(), "tls", c.tc != nil, "readOnly", c.exp.ReadOnly)
 	err := c.readLoop()
 	if err == nil {
 		c.graceful = true
 	}
 	defer func() {
-		c.log.Info("nbd: connection closed", "duration", time.Since(started).Round(time.Millisecond).String(), "clean", c.graceful, "err", err)
+		log.Info("nbd: connection closed", "duration", time.Since(started).Round(time.Millisecond).String(), "clean", c.graceful, "err", err)
 	}()
 }
 
