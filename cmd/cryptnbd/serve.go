@@ -37,7 +37,7 @@ func cmdServe(ctx context.Context, args []string) error {
 	handshake := fs.Duration("handshake-timeout", 10*time.Second, "drop a client that has not finished the NBD handshake in this time")
 	maxConns := fs.Int("max-conns", 1024, "most NBD connections open at once (0: no limit)")
 	maxPerAddr := fs.Int("max-conns-per-addr", 64, "most NBD connections open at once from one source address (0: no limit)")
-	inflight := fs.String("max-inflight-bytes", "64M", "per connection: request payload bytes held at once; past it the server stops reading from that client")
+	inflight := fs.String("max-inflight-bytes", "16M", "per connection: request payload bytes held at once; past it the server stops reading from that client (one request is always admitted, so 32 MiB requests still pass)")
 	idle := fs.Duration("idle-timeout", 0, "close an NBD connection idle this long with nothing in flight (0: never)")
 	apiListen := fs.String("api-listen", "", "also serve the management API over HTTPS on this address, requiring a client certificate verified against --tls-ca (with --tls-cert and --tls-key)")
 	adminGroup := fs.String("admin-group", "", "group whose members may use the management API (api.sock) besides the daemon's user and root")
@@ -69,8 +69,8 @@ func cmdServe(ctx context.Context, args []string) error {
 		return usagef("--suspend-hold must be positive")
 	}
 	inflightBytes, err := daemon.ParseSize(*inflight)
-	if err != nil || inflightBytes < 32<<20 {
-		return usagef("--max-inflight-bytes %q: give a size of at least 32M (one full-size request)", *inflight)
+	if err != nil || inflightBytes < 1<<20 {
+		return usagef("--max-inflight-bytes %q: give a size of at least 1M", *inflight)
 	}
 	var tlsSrv *tlsfiles.Server
 	nopts := nbd.Options{TLSMode: tlsMode, HandshakeTimeout: *handshake, MaxConns: *maxConns, MaxConnsPerAddr: *maxPerAddr,
