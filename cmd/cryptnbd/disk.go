@@ -409,10 +409,10 @@ func printDisks(format string, disks []daemon.DiskInfo, single bool) error {
 			if served == "" {
 				served = "-"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%d\t%s\n", d.Name, humanSize(d.SizeBytes), d.SectorSize, d.EncryptionType, state, served, d.Connections, d.KeyID)
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%d\t%s\n", d.Name, daemon.HumanBytes(d.SizeBytes), d.SectorSize, d.EncryptionType, state, served, d.Connections, d.KeyID)
 			continue
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\n", d.Name, humanSize(d.SizeBytes), d.SectorSize, d.EncryptionType, state, d.Connections, d.KeyID)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\n", d.Name, daemon.HumanBytes(d.SizeBytes), d.SectorSize, d.EncryptionType, state, d.Connections, d.KeyID)
 	}
 	return tw.Flush()
 }
@@ -421,7 +421,7 @@ func printDiskDetail(w io.Writer, d daemon.DiskInfo) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
 	row("name", d.Name)
-	row("sizeBytes", strconv.FormatInt(d.SizeBytes, 10)+" ("+humanSize(d.SizeBytes)+")")
+	row("sizeBytes", strconv.FormatInt(d.SizeBytes, 10)+" ("+daemon.HumanBytes(d.SizeBytes)+")")
 	row("sectorSize", strconv.Itoa(d.SectorSize))
 	row("encryptionType", d.EncryptionType)
 	row("cipher", d.Cipher)
@@ -450,21 +450,6 @@ func printDiskDetail(w io.Writer, d daemon.DiskInfo) error {
 	}
 	row("path", d.Path)
 	return tw.Flush()
-}
-
-func humanSize(n int64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB"}
-	f := float64(n)
-	i := 0
-	for f >= 1024 && i < len(units)-1 {
-		f /= 1024
-		i++
-	}
-	if i == 0 {
-		return fmt.Sprintf("%d B", n)
-	}
-	s := strconv.FormatFloat(f, 'f', 1, 64)
-	return strings.TrimSuffix(s, ".0") + " " + units[i]
 }
 
 func splitHostPort(addr string) (string, string) {

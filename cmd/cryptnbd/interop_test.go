@@ -91,9 +91,9 @@ func TestNbdinfoCapabilities(t *testing.T) {
 		size int64
 		desc []string
 	}{
-		"alpha":    {64 << 20, []string{"64.0 MiB", "4096-byte sectors"}},
-		"beta-512": {32 << 20, []string{"32.0 MiB", "512-byte sectors"}},
-		"demo":     {64 << 20, []string{"64.0 MiB", "4096-byte sectors"}},
+		"alpha":    {64 << 20, []string{"64 MiB", "4096-byte sectors"}},
+		"beta-512": {32 << 20, []string{"32 MiB", "512-byte sectors"}},
+		"demo":     {64 << 20, []string{"64 MiB", "4096-byte sectors"}},
 	}
 	got := map[string]bool{}
 	for _, x := range list.Exports {

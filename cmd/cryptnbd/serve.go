@@ -152,7 +152,7 @@ func printAttach(ctx context.Context, a daemon.Addrs, dataDir string) {
 		if d.ServedBy != "" {
 			state += ", served by " + d.ServedBy
 		}
-		fmt.Fprintf(w, "  %-20s %s  %s\n", d.Name, humanSize(d.SizeBytes), state)
+		fmt.Fprintf(w, "  %-20s %s  %s\n", d.Name, daemon.HumanBytes(d.SizeBytes), state)
 	}
 	if a.NBD != "" {
 		uri := fmt.Sprintf("nbd://%s/%s", a.NBD, name)

@@ -170,7 +170,7 @@ func printSnapshots(format string, snaps []daemon.SnapshotInfo, single bool) err
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tSOURCE\tSIZE\tALLOCATED\tENCRYPTION\tSTATE\tCREATED")
 	for _, s := range snaps {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.Source, humanSize(s.SizeBytes), humanSize(s.AllocatedBytes),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.Source, daemon.HumanBytes(s.SizeBytes), daemon.HumanBytes(s.AllocatedBytes),
 			s.EncryptionType, s.State, s.Created.Format(time.RFC3339))
 	}
 	return tw.Flush()
@@ -181,8 +181,8 @@ func printSnapshotDetail(w io.Writer, s daemon.SnapshotInfo) error {
 	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
 	row("name", s.Name)
 	row("source", s.Source)
-	row("sizeBytes", strconv.FormatInt(s.SizeBytes, 10)+" ("+humanSize(s.SizeBytes)+")")
-	row("allocatedBytes", strconv.FormatInt(s.AllocatedBytes, 10)+" ("+humanSize(s.AllocatedBytes)+")")
+	row("sizeBytes", strconv.FormatInt(s.SizeBytes, 10)+" ("+daemon.HumanBytes(s.SizeBytes)+")")
+	row("allocatedBytes", strconv.FormatInt(s.AllocatedBytes, 10)+" ("+daemon.HumanBytes(s.AllocatedBytes)+")")
 	row("sectorSize", strconv.Itoa(s.SectorSize))
 	row("encryptionType", s.EncryptionType)
 	if s.DES != "" {

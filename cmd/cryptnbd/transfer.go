@@ -244,7 +244,7 @@ func diskImport(ctx context.Context, args []string) error {
 	if *out == "json" {
 		return nil
 	}
-	fmt.Fprintf(os.Stderr, "imported %s (%s)\n", name, humanSize(n))
+	fmt.Fprintf(os.Stderr, "imported %s (%s)\n", name, daemon.HumanBytes(n))
 	return printDisks(*out, []daemon.DiskInfo{di}, true)
 }
 
@@ -305,7 +305,7 @@ func diskExport(ctx context.Context, args []string) error {
 	}
 	p.finish(nil)
 	if *out == "table" {
-		fmt.Fprintf(os.Stderr, "exported %s (%s) to %s\n", name, humanSize(size), *to)
+		fmt.Fprintf(os.Stderr, "exported %s (%s) to %s\n", name, daemon.HumanBytes(size), *to)
 	}
 	return nil
 }

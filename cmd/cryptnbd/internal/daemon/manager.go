@@ -191,7 +191,7 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	userEvent := wo.OnEvent
 	wo.OnEvent = func(ev keys.WatchEvent) {
 		if mx := cfg.Metrics; mx != nil {
-			vault, key := vaultKeyOf(ev.KeyID)
+			vault, key := metrics.KeyLabels(ev.KeyID)
 			mx.KeyEvent(vault, key, ev.Kind, ev.Reason, ev.GraceRemaining, ev.Err)
 		}
 		if userEvent != nil {
@@ -685,7 +685,7 @@ func (m *Manager) Exports(ctx context.Context) ([]nbd.ExportInfo, error) {
 func (m *Manager) exportInfoLocked(e *entry) nbd.ExportInfo {
 	di := m.infoLocked(e)
 	desc := fmt.Sprintf("%s, %s, XTS-AES-256 with %d-byte sectors, %s",
-		humanBytes(di.SizeBytes), di.EncryptionType, di.SectorSize, di.State)
+		HumanBytes(di.SizeBytes), di.EncryptionType, di.SectorSize, di.State)
 	if di.StateReason != "" {
 		desc += " (" + di.StateReason + ")"
 	}
@@ -697,15 +697,18 @@ func (m *Manager) exportInfoLocked(e *entry) nbd.ExportInfo {
 	}
 }
 
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
+// HumanBytes writes n in binary units, as the CLI and export descriptions
+// show sizes: "512 B", "64 MiB", "1.5 GiB".
+func HumanBytes(n int64) string {
+	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB"}
+	f := float64(n)
+	i := 0
+	for f >= 1024 && i < len(units)-1 {
+		f /= 1024
+		i++
+	}
+	if i == 0 {
 		return fmt.Sprintf("%d B", n)
 	}
-	div, exp := int64(unit), 0
-	for v := n / unit; v >= unit; v /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+	return strings.TrimSuffix(strconv.FormatFloat(f, 'f', 1, 64), ".0") + " " + units[i]
 }

@@ -9,10 +9,6 @@ import (
 	"github.com/cryptnbd/cryptnbd/metrics"
 )
 
-// vaultKeyOf gives the bounded labels metrics use for a kid: the vault
-// host (or "platform") and the key name, never the version.
-func vaultKeyOf(kid string) (vault, key string) { return metrics.KeyLabels(kid) }
-
 // expiryChecker passes the watcher's key checks through, recording each
 // key's expiry for the near-expiry alert.
 type expiryChecker struct {
@@ -31,7 +27,7 @@ func (c expiryChecker) Status(ctx context.Context, kid string) (keys.KeyStatus, 
 
 func (m *Manager) dekUnwrapped(kid string) {
 	if mx := m.cfg.Metrics; mx != nil {
-		vault, key := vaultKeyOf(kid)
+		vault, key := metrics.KeyLabels(kid)
 		mx.DEKUnwrapped(vault, key)
 	}
 }
@@ -40,7 +36,7 @@ func (m *Manager) vaultObserver(keyURL string) func(op string, status int, d tim
 	if m.cfg.Metrics == nil {
 		return nil
 	}
-	vault, key := vaultKeyOf(keyURL)
+	vault, key := metrics.KeyLabels(keyURL)
 	return m.cfg.Metrics.VaultObserver(vault, key)
 }
 

@@ -323,7 +323,7 @@ func (m *Manager) snapExportInfoLocked(e *entry) nbd.ExportInfo {
 	si := m.snapInfoLocked(e)
 	return nbd.ExportInfo{
 		Name:        e.name,
-		Description: fmt.Sprintf("snapshot of %s, %s, read-only, %s", si.Source, humanBytes(si.SizeBytes), si.State),
+		Description: fmt.Sprintf("snapshot of %s, %s, read-only, %s", si.Source, HumanBytes(si.SizeBytes), si.State),
 		ReadOnly:    true,
 		MinBlock:    512, PreferredBlock: uint32(si.SectorSize), MaxBlock: maxBlock,
 	}
