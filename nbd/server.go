@@ -93,10 +93,12 @@ type Options struct {
 	//
 	// A client on the same host needs no room for a bandwidth-delay
 	// product, and with an autotuned buffer of several MiB a fast server
-	// runs that far ahead of it: READ data then waits in socket queues
-	// until it has left the caches, and both sides pay for copying it.
-	// Capped, 1 MiB sequential reads were 10-20 % faster for 10-20 %
-	// less server CPU per GiB on a 2-core machine, 4 KiB I/O unchanged.
+	// runs that far ahead of it, READ data queueing in the socket until
+	// the client gets to it; both sides then spent more CPU per byte on
+	// the copies (most likely cache misses, which the test VM could not
+	// count). Capped, 1 MiB sequential reads were 10-20 % faster for
+	// 10-20 % less server CPU per GiB on a 2-core machine, with 4 KiB
+	// I/O unchanged.
 	LoopbackSendBuffer int
 
 	// TLSMode selects whether NBD_OPT_STARTTLS is offered and whether it

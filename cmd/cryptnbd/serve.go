@@ -38,7 +38,7 @@ func cmdServe(ctx context.Context, args []string) error {
 	maxConns := fs.Int("max-conns", 1024, "most NBD connections open at once (0: no limit)")
 	maxPerAddr := fs.Int("max-conns-per-addr", 64, "most NBD connections open at once from one source address (0: no limit)")
 	inflight := fs.String("max-inflight-bytes", "16M", "per connection: request payload bytes held at once; past it the server stops reading from that client (one request is always admitted, so 32 MiB requests still pass)")
-	loSndbuf := fs.String("loopback-send-buffer", "256K", "socket send buffer of NBD connections from this host (0: the kernel's autotuning); keeps READ data from queueing past the caches")
+	loSndbuf := fs.String("loopback-send-buffer", "256K", "socket send buffer of NBD connections from this host (0: the kernel's autotuning); a small one makes large local reads cheaper")
 	idle := fs.Duration("idle-timeout", 0, "close an NBD connection idle this long with nothing in flight (0: never)")
 	apiListen := fs.String("api-listen", "", "also serve the management API over HTTPS on this address, requiring a client certificate verified against --tls-ca (with --tls-cert and --tls-key)")
 	adminGroup := fs.String("admin-group", "", "group whose members may use the management API (api.sock) besides the daemon's user and root")
