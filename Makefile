@@ -14,9 +14,6 @@ TEST_PKGS := libnbd-bin nbdfuse qemu-utils fio cryptsetup-bin nbdkit \
 TEST_CMDS := nbdinfo nbdcopy nbdsh nbdfuse qemu-io qemu-img fio cryptsetup nbdkit mkfs.ext4 fusermount3 \
              promtool systemd-analyze
 
-# Keep in step with azuriteVersion in cryptodisk/blobstore/azurite_test.go.
-AZURITE_VERSION := 3.37.0
-
 .PHONY: all build run run-azure test test-deps vet unit fuzz bench clean
 
 all: build
@@ -47,9 +44,7 @@ test-deps:
 	fi
 	@# Azurite (the Azure Storage emulator) for cryptodisk/blobstore, pinned,
 	@# into the git-ignored .cache/azurite; skipped when already installed.
-	@grep -qs '"version": "$(AZURITE_VERSION)"' .cache/azurite/node_modules/azurite/package.json || \
-		{ echo "installing azurite@$(AZURITE_VERSION) into .cache/azurite"; \
-		  npm install --prefix .cache/azurite --no-audit --no-fund azurite@$(AZURITE_VERSION); }
+	@deploy/azurite/run.sh --install
 
 vet:
 	$(GO) vet ./...

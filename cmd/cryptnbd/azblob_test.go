@@ -6,7 +6,6 @@ package main_test
 // each test uses its own container.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -14,13 +13,9 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
-	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -28,92 +23,12 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/lease"
 
 	"github.com/cryptnbd/cryptnbd/cryptodisk/blobstore"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/blobstore/azuritetest"
 )
 
-// azuriteKey is the fixed development key Azurite documents for its
-// built-in account devstoreaccount1; it guards nothing.
-const azuriteKey = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
 // azurite is the package's emulator, started by the first test needing it
-// and stopped by stopAzurite from TestMain.
-var azurite struct {
-	once    sync.Once
-	cmd     *exec.Cmd
-	dir     string
-	connStr string
-	skip    string
-}
-
-var azuriteListens = regexp.MustCompile(`listens on (http://127\.0\.0\.1:\d+)`)
-
-func startAzurite() error {
-	wd, err := os.Getwd()
-	if err != nil {
-		return err
-	}
-	script := filepath.Join(wd, "..", "..", "deploy", "azurite", "run.sh")
-	if _, err := exec.LookPath("npm"); err != nil {
-		if _, err := os.Stat(filepath.Join(wd, "..", "..", ".cache", "azurite", "node_modules", ".bin", "azurite-blob")); err != nil {
-			return fmt.Errorf("npm not found (install Node.js and npm)")
-		}
-	}
-	if azurite.dir, err = os.MkdirTemp("", "azurite-"); err != nil {
-		return err
-	}
-	cmd := exec.Command(script, "--blobHost", "127.0.0.1", "--blobPort", "0", "--inMemoryPersistence",
-		"--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent")
-	cmd.Dir = azurite.dir
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return err
-	}
-	var stderr syncBuffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	azurite.cmd = cmd
-	found := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if m := azuriteListens.FindStringSubmatch(sc.Text()); m != nil {
-				found <- m[1]
-				break
-			}
-		}
-		close(found)
-		io.Copy(io.Discard, out)
-	}()
-	select {
-	case url, ok := <-found:
-		if !ok {
-			return fmt.Errorf("azurite exited before listening: %s", stderr.String())
-		}
-		azurite.connStr = fmt.Sprintf("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=%s;BlobEndpoint=%s/devstoreaccount1;", azuriteKey, url)
-		return nil
-	case <-time.After(5 * time.Minute): // the first run installs it
-		return fmt.Errorf("azurite not listening after 5 minutes: %s", stderr.String())
-	}
-}
-
-// stopAzurite is called by TestMain after the tests.
-func stopAzurite() {
-	if azurite.cmd != nil {
-		azurite.cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { azurite.cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			azurite.cmd.Process.Kill()
-			<-done
-		}
-	}
-	if azurite.dir != "" {
-		os.RemoveAll(azurite.dir)
-	}
-}
+// and stopped from TestMain.
+var azurite azuritetest.Shared
 
 var azContainers atomic.Int64
 
@@ -121,15 +36,8 @@ var azContainers atomic.Int64
 // its client and the daemon flags and environment that put disks there.
 func azStore(t *testing.T, lease string) (string, *container.Client, []string, []string) {
 	t.Helper()
-	azurite.once.Do(func() {
-		if err := startAzurite(); err != nil {
-			azurite.skip = fmt.Sprintf("Azurite (deploy/azurite/run.sh) cannot run here: %v", err)
-		}
-	})
-	if azurite.skip != "" {
-		t.Skip(azurite.skip)
-	}
-	sc, err := blobstore.NewServiceClientFromConnectionString(azurite.connStr)
+	connStr := azurite.ConnString(t)
+	sc, err := blobstore.NewServiceClientFromConnectionString(connStr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,7 +46,7 @@ func azStore(t *testing.T, lease string) (string, *container.Client, []string, [
 	if lease != "" {
 		flags = append(flags, "--lease-duration", lease)
 	}
-	env := []string{"CRYPTNBD_AZBLOB_CONNECTION_STRING=" + azurite.connStr}
+	env := []string{"CRYPTNBD_AZBLOB_CONNECTION_STRING=" + connStr}
 	return name, sc.NewContainerClient(name), flags, env
 }
 

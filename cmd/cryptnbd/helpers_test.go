@@ -58,7 +58,7 @@ func testMain(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "interop: go build: %v\n%s", err, out)
 		return 1
 	}
-	defer stopAzurite()
+	defer azurite.Stop()
 	return m.Run()
 }
 

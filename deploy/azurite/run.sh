@@ -5,9 +5,9 @@
 #
 #   deploy/azurite/run.sh --blobHost 127.0.0.1 --blobPort 10000 --inMemoryPersistence
 #
-# Used by `make run-azure` and by cmd/cryptnbd's azblob tests. Keep the
-# version in step with AZURITE_VERSION in the Makefile and azuriteVersion in
-# cryptodisk/blobstore/azurite_test.go.
+# `run.sh --install` only installs. Used by `make test-deps`, `make
+# run-azure` and the Azurite tests (cryptodisk/blobstore/azuritetest), so
+# the version below is the only place it is pinned.
 set -eu
 AZURITE_VERSION="${AZURITE_VERSION:-3.37.0}"
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -17,4 +17,5 @@ if ! grep -qs "\"version\": \"$AZURITE_VERSION\"" "$prefix/node_modules/azurite/
 	echo "installing azurite@$AZURITE_VERSION into $prefix" >&2
 	npm install --prefix "$prefix" --no-audit --no-fund "azurite@$AZURITE_VERSION" >&2
 fi
+[ "${1:-}" = --install ] && exit 0
 exec "$prefix/node_modules/.bin/azurite-blob" "$@"
