@@ -132,21 +132,9 @@ func checkDisk(t *testing.T, d *cryptodisk.Disk, want []byte) {
 	if err := d.ReadAt(context.Background(), got, 0); err != nil {
 		t.Fatalf("ReadAt whole disk: %v", err)
 	}
-	if i := firstDiff(got, want); i >= 0 {
+	if i := cryptodisktest.FirstDiff(got, want); i >= 0 {
 		t.Fatalf("disk differs from model at byte %d (sector %d of 512): got %#x, want %#x", i, i/512, got[i], want[i])
 	}
-}
-
-func firstDiff(a, b []byte) int {
-	if bytes.Equal(a, b) {
-		return -1
-	}
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return min(len(a), len(b))
 }
 
 // extent is one run reported by Disk.Extents.

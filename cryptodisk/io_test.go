@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/cryptodisktest"
 	"math/rand/v2"
 	"syscall"
 	"testing"
@@ -55,7 +56,7 @@ func TestWriteReadRoundTrip(t *testing.T) {
 			if err := e.d.ReadAt(context.Background(), got, tc.off); err != nil {
 				t.Fatalf("ReadAt(%d+%d): %v", tc.off, tc.n, err)
 			}
-			if i := firstDiff(got, data); i >= 0 {
+			if i := cryptodisktest.FirstDiff(got, data); i >= 0 {
 				t.Errorf("ReadAt(%d+%d) after WriteAt: differs at +%d", tc.off, tc.n, i)
 			}
 		}
@@ -66,7 +67,7 @@ func TestWriteReadRoundTrip(t *testing.T) {
 			if err := e.d.ReadAt(context.Background(), got, off); err != nil {
 				t.Fatal(err)
 			}
-			if i := firstDiff(got, model[off:off+5000]); i >= 0 {
+			if i := cryptodisktest.FirstDiff(got, model[off:off+5000]); i >= 0 {
 				t.Errorf("ReadAt(%d+5000) differs at +%d", off, i)
 			}
 		}
@@ -140,7 +141,7 @@ func TestZeroAndTrim(t *testing.T) {
 					if err := e.d.ReadAt(context.Background(), got, lo); err != nil {
 						t.Fatal(err)
 					}
-					if i := firstDiff(got, model[lo:hi]); i >= 0 {
+					if i := cryptodisktest.FirstDiff(got, model[lo:hi]); i >= 0 {
 						t.Fatalf("after zero(%d, %d): byte %d is %#x, want %#x", rg.off, rg.n, lo+int64(i), got[i], model[lo+int64(i)])
 					}
 					// Whole 64 KiB units inside the range are holes unless

@@ -156,7 +156,7 @@ func modelOp(ctx context.Context, r *rand.Rand, d *cryptodisk.Disk, model []byte
 		if err := d.ReadAt(ctx, got, off); err != nil {
 			return fmt.Errorf("ReadAt(%d+%d): %w", off, n, err)
 		}
-		if i := firstDiff(got, model[off:off+n]); i >= 0 {
+		if i := cryptodisktest.FirstDiff(got, model[off:off+n]); i >= 0 {
 			return fmt.Errorf("ReadAt(%d+%d): byte %d is %#x, want %#x", off, n, off+int64(i), got[i], model[off+int64(i)])
 		}
 	case op < 8:

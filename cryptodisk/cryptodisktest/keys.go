@@ -1,6 +1,6 @@
 // Package cryptodisktest holds test doubles for cryptodisk: a key wrapper
-// with a fixed key and injectable failures, and Storage wrappers that block
-// or fail I/O.
+// with a fixed key and injectable failures, Storage wrappers that block
+// or fail I/O, and FirstDiff for reporting where data went wrong.
 //
 // It imports only the standard library, so white-box tests inside package
 // cryptodisk can use it without an import cycle; its types satisfy

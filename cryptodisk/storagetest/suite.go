@@ -15,6 +15,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/cryptodisktest"
 	"math/rand/v2"
 	"sync"
 	"syscall"
@@ -93,21 +94,9 @@ func (m model) check(t *testing.T, st cryptodisk.Storage) {
 	if err := st.ReadAt(context.Background(), got, 0); err != nil {
 		t.Fatalf("ReadAt whole store: %v", err)
 	}
-	if i := firstDiff(got, m); i >= 0 {
+	if i := cryptodisktest.FirstDiff(got, m); i >= 0 {
 		t.Fatalf("store differs from model at byte %d (page %d): got %#x, want %#x", i, i/4096, got[i], m[i])
 	}
-}
-
-func firstDiff(a, b []byte) int {
-	if bytes.Equal(a, b) {
-		return -1
-	}
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return min(len(a), len(b))
 }
 
 func randomBytes(r *rand.Rand, n int) []byte {
@@ -152,7 +141,7 @@ func (s Suite) testRoundTrip(t *testing.T) {
 				t.Fatalf("ReadAt: %v", err)
 			}
 			if !bytes.Equal(got, data) {
-				t.Fatalf("ReadAt after WriteAt: got %d bytes differing at %d", len(got), firstDiff(got, data))
+				t.Fatalf("ReadAt after WriteAt: got %d bytes differing at %d", len(got), cryptodisktest.FirstDiff(got, data))
 			}
 		})
 	}
@@ -501,7 +490,7 @@ func (s Suite) testConcurrent(t *testing.T) {
 						errs <- fmt.Errorf("goroutine %d: ReadAt: %w", g, err)
 						return
 					}
-					if i := firstDiff(got, m[off:off+chunk]); i >= 0 {
+					if i := cryptodisktest.FirstDiff(got, m[off:off+chunk]); i >= 0 {
 						errs <- fmt.Errorf("goroutine %d: chunk at %d differs at +%d", g, off, i)
 						return
 					}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/cryptodisktest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -87,13 +88,13 @@ func TestCryptsetupReencrypt(t *testing.T) {
 		got := make([]byte, len(ct))
 		c.DecryptSectors(got, ct, sector, 0, 8)
 		if !bytes.Equal(got, want) {
-			i := firstDiff(got, want)
+			i := cryptodisktest.FirstDiff(got, want)
 			t.Errorf("%s: sector %d decrypts to %q..., want %q...", name, i/sector, got[i/sector*sector:][:16], want[i/sector*sector:][:16])
 		}
 		// And encrypting the plaintext reproduces cryptsetup's ciphertext.
 		c.EncryptSectors(got, want, sector, 0, 8)
 		if !bytes.Equal(got, ct) {
-			t.Errorf("%s: encryption differs from cryptsetup at sector %d", name, firstDiff(got, ct)/sector)
+			t.Errorf("%s: encryption differs from cryptsetup at sector %d", name, cryptodisktest.FirstDiff(got, ct)/sector)
 		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/cryptodisktest"
 	"math/rand/v2"
 	"sync"
 	"testing"
@@ -270,26 +271,17 @@ func TestDifferential(t *testing.T) {
 				op(got, tc.src, tc.sectorSize, tc.tweak, tc.step)
 				if !bytes.Equal(got, want) {
 					t.Errorf("sector %d x %d, tweak %#x step %d, decrypt %v: differs from x/crypto/xts at byte %d",
-						tc.sectorSize, len(tc.src)/tc.sectorSize, tc.tweak, tc.step, decrypt, firstDiff(got, want))
+						tc.sectorSize, len(tc.src)/tc.sectorSize, tc.tweak, tc.step, decrypt, cryptodisktest.FirstDiff(got, want))
 				}
 				inPlace := bytes.Clone(tc.src)
 				op(inPlace, inPlace, tc.sectorSize, tc.tweak, tc.step)
 				if !bytes.Equal(inPlace, want) {
 					t.Errorf("sector %d x %d, tweak %#x step %d, decrypt %v, in place: differs from x/crypto/xts at byte %d",
-						tc.sectorSize, len(tc.src)/tc.sectorSize, tc.tweak, tc.step, decrypt, firstDiff(inPlace, want))
+						tc.sectorSize, len(tc.src)/tc.sectorSize, tc.tweak, tc.step, decrypt, cryptodisktest.FirstDiff(inPlace, want))
 				}
 			}
 		}
 	})
-}
-
-func firstDiff(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return min(len(a), len(b))
 }
 
 func TestLongerDst(t *testing.T) {
@@ -414,7 +406,7 @@ func FuzzXTSRoundTrip(f *testing.F) {
 			}
 			c.DecryptSectors(ct, ct, sectorSize, tweak, step)
 			if !bytes.Equal(ct, src) {
-				t.Fatalf("%s: round trip differs at byte %d", name, firstDiff(ct, src))
+				t.Fatalf("%s: round trip differs at byte %d", name, cryptodisktest.FirstDiff(ct, src))
 			}
 		}
 	})
@@ -437,11 +429,11 @@ func FuzzXTSDifferential(f *testing.F) {
 			got := make([]byte, len(src))
 			c.EncryptSectors(got, src, sectorSize, tweak, step)
 			if !bytes.Equal(got, wantCT) {
-				t.Fatalf("%s: encryption differs from x/crypto/xts at byte %d", name, firstDiff(got, wantCT))
+				t.Fatalf("%s: encryption differs from x/crypto/xts at byte %d", name, cryptodisktest.FirstDiff(got, wantCT))
 			}
 			c.DecryptSectors(got, src, sectorSize, tweak, step)
 			if !bytes.Equal(got, wantPT) {
-				t.Fatalf("%s: decryption differs from x/crypto/xts at byte %d", name, firstDiff(got, wantPT))
+				t.Fatalf("%s: decryption differs from x/crypto/xts at byte %d", name, cryptodisktest.FirstDiff(got, wantPT))
 			}
 		}
 	})
