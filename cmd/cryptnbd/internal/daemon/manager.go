@@ -342,31 +342,8 @@ func (m *Manager) Create(ctx context.Context, r CreateRequest) (DiskInfo, error)
 	if r.Source != "" || r.Reencrypt {
 		return m.createFromSnapshot(ctx, r, nil)
 	}
-	if err := ValidateName(r.Name); err != nil {
-		return DiskInfo{}, fmt.Errorf("%w: %w", ErrInvalid, err)
-	}
-	if r.EncryptionType == "" {
-		r.EncryptionType = EncryptionPlatformKey
-		if r.DES != "" {
-			r.EncryptionType = EncryptionCustomerKey
-		}
-	}
-	switch {
-	case r.EncryptionType == EncryptionPlatformKey && r.DES != "":
-		return DiskInfo{}, fmt.Errorf("%w: a disk encryption set is for %s; drop --des or change --encryption-type", ErrInvalid, EncryptionCustomerKey)
-	case r.EncryptionType == EncryptionCustomerKey && r.DES == "":
-		return DiskInfo{}, fmt.Errorf("%w: %s needs --des NAME (create one with cryptnbd des create)", ErrInvalid, EncryptionCustomerKey)
-	case r.EncryptionType != EncryptionPlatformKey && r.EncryptionType != EncryptionCustomerKey:
-		return DiskInfo{}, fmt.Errorf("%w: encryption type %q: use %s or %s", ErrInvalid, r.EncryptionType, EncryptionPlatformKey, EncryptionCustomerKey)
-	}
-	if r.SectorSize == 0 {
-		r.SectorSize = 4096
-	}
-	if r.SectorSize != 512 && r.SectorSize != 4096 {
-		return DiskInfo{}, fmt.Errorf("%w: sector size %d: use 4096 or 512", ErrInvalid, r.SectorSize)
-	}
-	if r.SizeBytes <= 0 || r.SizeBytes%int64(r.SectorSize) != 0 {
-		return DiskInfo{}, fmt.Errorf("%w: size %d bytes: must be a positive multiple of the %d-byte sector", ErrInvalid, r.SizeBytes, r.SectorSize)
+	if err := checkCreate(&r); err != nil {
+		return DiskInfo{}, err
 	}
 	// Reserve the name while the (slow) creation runs without the lock.
 	e, err := m.reserve(ctx, r.Name, "being created")

@@ -132,8 +132,8 @@ func (m *Manager) publish(ctx context.Context, e *entry, d *cryptodisk.Disk, ni 
 	return m.infoLocked(e), nil
 }
 
-// checkCreate fills in a creation request's defaults and checks it, as
-// Create does.
+// checkCreate fills in a creation request's defaults and checks it, for
+// Create and the imports.
 func checkCreate(r *CreateRequest) error {
 	if err := ValidateName(r.Name); err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalid, err)
