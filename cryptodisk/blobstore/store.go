@@ -414,14 +414,7 @@ func (s *Store) call(ctx context.Context, op string, fn func(ctx context.Context
 	}
 	err := fn(ctx)
 	s.release()
-	if err == nil {
-		return nil
-	}
-	if isLeaseError(err) {
-		s.markLost(err)
-		return fmt.Errorf("blobstore: %s %s: %w: %w: %w", op, s.name, ErrLeaseLost, syscall.EIO, err)
-	}
-	return ioError(op+" "+s.name, err)
+	return s.opError(op, err)
 }
 
 // chunks runs fn over [off, off+n) in pieces of at most size bytes,
@@ -594,7 +587,12 @@ func (s *Store) leased(ctx context.Context, op string, fn func(ctx context.Conte
 	if s.lost.Load() {
 		return s.lostError()
 	}
-	err := fn(ctx)
+	return s.opError(op, fn(ctx))
+}
+
+// opError wraps the error of a blob operation for the caller, nil for
+// nil; a lease error marks the lease lost.
+func (s *Store) opError(op string, err error) error {
 	if err == nil {
 		return nil
 	}
