@@ -6,13 +6,13 @@ package azuritetest
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -93,7 +93,8 @@ func (s *Shared) start() error {
 	if err != nil {
 		return err
 	}
-	var stderr lockedBuffer
+	// Read only after Wait, which finishes copying it.
+	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", script, err)
@@ -111,16 +112,21 @@ func (s *Shared) start() error {
 		close(found)
 		io.Copy(io.Discard, out) // keep the pipe drained
 	}()
+	var why string
 	select {
 	case url, ok := <-found:
-		if !ok {
-			return fmt.Errorf("azurite exited before listening: %s", stderr.String())
+		if ok {
+			s.connStr = fmt.Sprintf("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=%s;BlobEndpoint=%s/devstoreaccount1;", Key, url)
+			return nil
 		}
-		s.connStr = fmt.Sprintf("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=%s;BlobEndpoint=%s/devstoreaccount1;", Key, url)
-		return nil
+		why = "exited before listening"
 	case <-time.After(5 * time.Minute): // the first run installs it
-		return fmt.Errorf("azurite not listening after 5 minutes: %s", stderr.String())
+		why = "not listening after 5 minutes"
 	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	s.cmd = nil
+	return fmt.Errorf("azurite %s: %s", why, stderr.String())
 }
 
 // repoRoot finds the module root above the test's working directory.
@@ -139,22 +145,4 @@ func repoRoot() (string, error) {
 		}
 		dir = parent
 	}
-}
-
-// lockedBuffer collects the emulator's stderr while the caller may read it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
