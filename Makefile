@@ -42,8 +42,9 @@ test-deps:
 		$$SUDO apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(TEST_PKGS); \
 	fi
-	@# Azurite (the Azure Storage emulator) for cryptodisk/blobstore, pinned,
-	@# into the git-ignored .cache/azurite; skipped when already installed.
+	@# Azurite (the Azure Storage emulator) for the page-blob tests, at the
+	@# version deploy/azurite/run.sh pins, into the git-ignored .cache/azurite;
+	@# nothing to do when it is already installed.
 	@deploy/azurite/run.sh --install
 
 vet:

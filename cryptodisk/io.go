@@ -171,9 +171,9 @@ func (d *Disk) patchSector(ctx context.Context, c SectorCipher, sector, inner in
 // lockRange locks the stripes of sectors first..last: exclusively for a
 // partial head or tail sector (its read-modify-write must not interleave
 // with any other write to that sector, or bytes outside either write would
-// be lost, nor with a read of it), shared for whole sectors and reads. Stripes are taken in index order, so
-// two writers cannot deadlock. The result is a value, not a closure, so
-// that locking allocates nothing.
+// be lost, nor with a read of it), shared for whole sectors and reads.
+// Stripes are taken in index order, so two writers cannot deadlock. The
+// result is a value, not a closure, so that locking allocates nothing.
 func (d *Disk) lockRange(first, last int64, headPartial, tailPartial bool) stripeLock {
 	l := stripeLock{d: d, lo: 0, hi: nStripes - 1, head: -1, tail: -1}
 	if last-first+1 < nStripes {
