@@ -336,13 +336,13 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			continue
 		}
 		backoff = 0
+		c := s.newConn(ctx, nc)
 		if tc, ok := nc.(*net.TCPConn); ok {
 			tc.SetNoDelay(true)
-			if n := s.opts.LoopbackSendBuffer; n > 0 && addrKey(nc.RemoteAddr()).IsLoopback() {
+			if n := s.opts.LoopbackSendBuffer; n > 0 && c.addr.IsLoopback() {
 				tc.SetWriteBuffer(n)
 			}
 		}
-		c := s.newConn(ctx, nc)
 		switch reason := s.trackConn(c); reason {
 		case "":
 		case errClosedReason:
