@@ -107,9 +107,8 @@ func TestTLSClientCertificatesNbdinfo(t *testing.T) {
 
 	alice, bob, carol := clientPKI(t, dir, "alice"), clientPKI(t, dir, "bob"), clientPKI(t, dir, "carol")
 	for name, d := range map[string]string{
-		"no certificate":   mixPKI(t, dir, ""),
-		"another CA":       mixPKI(t, dir, newPKI(t)),
-		"server's CA only": mixPKI(t, newPKI(t), alice),
+		"no certificate": mixPKI(t, dir, ""),
+		"another CA":     mixPKI(t, dir, newPKI(t)),
 	} {
 		t.Run(name, func(t *testing.T) {
 			if out := runFail(t, "nbdinfo", "--json", e.tlsURI("disk", d)); strings.Contains(out, "export-size") {
@@ -127,6 +126,7 @@ func TestTLSClientCertificatesNbdinfo(t *testing.T) {
 	script := `
 import nbd, errno
 h = nbd.NBD()
+h.set_strict_mode(0)  # let the server, not libnbd, refuse the write
 h.set_tls_certificates("DIR")
 h.connect_uri("URI")
 assert h.get_tls_negotiated()

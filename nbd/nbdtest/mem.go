@@ -75,7 +75,8 @@ func (m *Mem) ClearFaults() {
 // Flushes reports how many Flush calls succeeded.
 func (m *Mem) Flushes() int64 { return m.flushes.Load() }
 
-// Writes reports how many WriteAt calls succeeded.
+// Writes reports how many times WriteAt was called, failed calls
+// included, so that a test can tell that a request never reached it.
 func (m *Mem) Writes() int64 { return m.writes.Load() }
 
 // Allocated reports whether the chunk holding off is allocated.
@@ -135,6 +136,7 @@ func (m *Mem) ReadAt(ctx context.Context, p []byte, off int64) error {
 
 // WriteAt implements nbd.Backend.
 func (m *Mem) WriteAt(ctx context.Context, p []byte, off int64) error {
+	m.writes.Add(1)
 	if err := m.check(off, int64(len(p))); err != nil {
 		return err
 	}
@@ -154,7 +156,6 @@ func (m *Mem) WriteAt(ctx context.Context, p []byte, off int64) error {
 		copy(c[in:], p[:n])
 		p, off = p[n:], off+n
 	}
-	m.writes.Add(1)
 	return nil
 }
 
