@@ -83,13 +83,15 @@ const diskSize = 1 << 20
 // env is a server on a Unix socket with a catalog of two exports:
 // "disk" (writable, a Mem) and "ro" (read-only, a Mem).
 type env struct {
-	srv  *nbd.Server
-	cat  *nbdtest.Catalog
-	disk *nbdtest.Mem
-	ro   *nbdtest.Mem
-	sock string // Unix socket, or "" when tcp is set
-	tcp  string // host:port when listening on TCP
-	done chan error
+	srv *nbd.Server
+	cat *nbdtest.Catalog
+	// serveCat, if set, is served instead of cat (a wrapper around it).
+	serveCat nbd.Catalog
+	disk     *nbdtest.Mem
+	ro       *nbdtest.Mem
+	sock     string // Unix socket, or "" when tcp is set
+	tcp      string // host:port when listening on TCP
+	done     chan error
 }
 
 func testLogger(t testing.TB) *slog.Logger {
@@ -146,7 +148,11 @@ func (e *env) serve(t testing.TB, l net.Listener, o nbd.Options) {
 	if o.Logger == nil {
 		o.Logger = testLogger(t)
 	}
-	e.srv = nbd.NewServer(e.cat, o)
+	var cat nbd.Catalog = e.cat
+	if e.serveCat != nil {
+		cat = e.serveCat
+	}
+	e.srv = nbd.NewServer(cat, o)
 	e.done = make(chan error, 1)
 	go func() { e.done <- e.srv.Serve(context.Background(), l) }()
 	t.Cleanup(func() {

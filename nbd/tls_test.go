@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -397,7 +396,8 @@ func TestTLSClientCertificates(t *testing.T) {
 	acl.Add(nbd.ExportInfo{Name: "disk", Description: "test disk"}, disk)
 	e := &env{cat: acl.Catalog}
 	creds := serverCreds(t, dir, true)
-	startACL(t, e, acl, nbd.Options{TLSMode: nbd.TLSRequire, TLSConfig: creds.Config(), OnRefused: ref.hook})
+	e.serveCat = acl
+	e.startTCP(t, nbd.Options{TLSMode: nbd.TLSRequire, TLSConfig: creds.Config(), OnRefused: ref.hook})
 
 	alice, bob, carol := clientPKI(t, dir, "alice"), clientPKI(t, dir, "bob"), clientPKI(t, dir, "carol")
 	other := newPKI(t)
@@ -483,26 +483,6 @@ func TestTLSClientCertificates(t *testing.T) {
 	if n := ref.list(); slices.Index(n, nbd.RefusedUnknownExport) < 0 {
 		t.Errorf("refusals %v lack %s", n, nbd.RefusedUnknownExport)
 	}
-}
-
-// startACL serves acl on TCP.
-func startACL(t *testing.T, e *env, acl *aclCatalog, o nbd.Options) {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.tcp = l.Addr().String()
-	if o.Logger == nil {
-		o.Logger = testLogger(t)
-	}
-	e.srv = nbd.NewServer(acl, o)
-	e.done = make(chan error, 1)
-	go func() { e.done <- e.srv.Serve(context.Background(), l) }()
-	t.Cleanup(func() {
-		e.srv.Close()
-		<-e.done
-	})
 }
 
 func TestTLSReload(t *testing.T) {

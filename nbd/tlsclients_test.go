@@ -103,7 +103,8 @@ func TestTLSClientCertificatesNbdinfo(t *testing.T) {
 	acl := &aclCatalog{Catalog: nbdtest.NewCatalog(), rw: []string{"alice"}, ro: []string{"bob"}}
 	acl.Add(nbd.ExportInfo{Name: "disk"}, nbdtest.NewMem(diskSize))
 	e := &env{cat: acl.Catalog}
-	startACL(t, e, acl, nbd.Options{TLSMode: nbd.TLSRequire, TLSConfig: serverCreds(t, dir, true).Config()})
+	e.serveCat = acl
+	e.startTCP(t, nbd.Options{TLSMode: nbd.TLSRequire, TLSConfig: serverCreds(t, dir, true).Config()})
 
 	alice, bob, carol := clientPKI(t, dir, "alice"), clientPKI(t, dir, "bob"), clientPKI(t, dir, "carol")
 	for name, d := range map[string]string{
