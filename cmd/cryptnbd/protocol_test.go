@@ -413,26 +413,23 @@ func TestConcurrentSubSectorWrites(t *testing.T) {
 	}
 }
 
-// TestGracefulShutdown: SIGTERM with clients connected. Writes already
-// acknowledged (without FLUSH) are flushed, idle connections are closed,
-// requests after the shutdown began are refused, and the daemon exits 0.
+// TestGracefulShutdown: SIGTERM with clients connected. The daemon does
+// not wait for idle clients: it exits 0 (within 45 s, d.Stop), and writes
+// already acknowledged without a FLUSH are on disk afterwards. What a
+// client sees while the server drains (ESHUTDOWN for new requests, idle
+// connections closed) is tested where the daemon is still running, in
+// nbd's TestShutdown*.
 func TestGracefulShutdown(t *testing.T) {
 	t.Parallel()
 	need(t, "qemu-utils", "qemu-io")
 	d := startDaemon(t, daemonOpts{Demo: "demo"})
 	busy, _ := transmit(t, d.Sock, "demo")
-	idle, _ := transmit(t, d.Sock, "demo")
+	transmit(t, d.Sock, "demo") // an idle client
 	data := bytes.Repeat([]byte{0x6b}, 1<<20)
 	if e, _ := busy.roundTrip(t, 0, cmdWrite, 1, 3<<20, uint32(len(data)), data); e != 0 {
 		t.Fatalf("WRITE: error %d", e)
 	}
-	d.Stop() // fails the test unless the daemon exits 0 (within 45 s)
-	idle.expectClosed(t, "idle connection after shutdown")
-	if err := busy.request(0, cmdRead, 2, 0, 4096, nil); err == nil {
-		if errno, _, _, err := busy.simpleReply(4096); err == nil && errno == 0 {
-			t.Errorf("READ after shutdown succeeded")
-		}
-	}
+	d.Stop()
 	d.Start()
 	qemuIOOK(t, d.URI("demo"), "read -P 0x6b 3M 1M")
 }
