@@ -296,6 +296,34 @@ func nbdsh(t *testing.T, uri string, stmts ...string) {
 	}
 }
 
+// writeRefusedByServer sends a 4 KiB WRITE at offset 0 with libnbd's own
+// checks off (qemu-io and libnbd's strict mode refuse to write to a
+// READ_ONLY export without asking), so that the refusal has to come from
+// the daemon; it must be EPERM and leave the data as it was.
+func writeRefusedByServer(t *testing.T, uri string) {
+	t.Helper()
+	pyDir := nbdshPython(t)
+	script := `
+import errno
+h.set_uri_allow_local_file(True)  # tls-certificates=DIR in nbds:// URIs
+h.connect_uri(URI)
+h.set_strict_mode(0)
+before = h.pread(4096, 0)
+try:
+    h.pwrite(b"\x5a" * 4096, 0)
+    raise SystemExit("a write to a read-only export succeeded")
+except nbd.Error as ex:
+    assert ex.errnum == errno.EPERM, ex
+assert h.pread(4096, 0) == before, "the refused write changed the data"
+print("refused")
+`
+	script = strings.ReplaceAll(script, "URI", strconv.Quote(uri))
+	r := runIn(t, t.TempDir(), []string{"PATH=" + pyDir + ":" + os.Getenv("PATH")}, "nbdsh", "-c", script)
+	if r.Code != 0 || !strings.Contains(r.Stdout, "refused") {
+		t.Errorf("write to a read-only export at %s: %v", uri, r)
+	}
+}
+
 // TestKill9AfterFlush: what a FLUSH acknowledged is on disk even if the
 // daemon is killed the next instant.
 func TestKill9AfterFlush(t *testing.T) {
