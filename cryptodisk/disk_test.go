@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"sync"
 	"syscall"
@@ -23,7 +24,7 @@ func TestCreateOpenRoundTrip(t *testing.T) {
 		model := make([]byte, diskSize)
 		r := rand.New(rand.NewPCG(uint64(ss), 4))
 		for _, off := range []int64{0, 4096*3 + 17, 500000} {
-			data := randomBytes(r, 9000)
+			data := cryptodisktest.RandomBytes(r, 9000)
 			write(t, e.d, data, off)
 			copy(model[off:], data)
 		}
@@ -338,6 +339,11 @@ func TestGrowWhileIO(t *testing.T) {
 					}
 					if err := e.d.ReadAt(ctx, got, off); err != nil {
 						errs <- err
+						return
+					}
+					// Each worker owns its 100000-byte region of model.
+					if !bytes.Equal(got, model[off:off+int64(len(got))]) {
+						errs <- fmt.Errorf("worker %d: read at %d differs from what it wrote", g, off)
 						return
 					}
 				}

@@ -3,10 +3,8 @@ package cryptodisk_test
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"fmt"
-	"math/rand/v2"
 	"path/filepath"
 	"testing"
 
@@ -107,14 +105,6 @@ func (e *env) reopenDisk(t *testing.T, u cryptodisk.KeyUnwrapper) {
 	}
 	t.Cleanup(func() { d.Close() })
 	e.d = d
-}
-
-func randomBytes(r *rand.Rand, n int) []byte {
-	b := make([]byte, n+8)
-	for i := 0; i < n; i += 8 {
-		binary.LittleEndian.PutUint64(b[i:], r.Uint64()|0x0101010101010101)
-	}
-	return b[:n:n]
 }
 
 // write writes a copy of data (WriteAt encrypts its buffer in place).

@@ -49,7 +49,7 @@ func TestWriteReadRoundTrip(t *testing.T) {
 			{diskSize - 513, 513},  // up to the end
 			{300000, 0},
 		} {
-			data := randomBytes(r, int(tc.n))
+			data := cryptodisktest.RandomBytes(r, int(tc.n))
 			write(t, e.d, data, tc.off)
 			copy(model[tc.off:], data)
 			got := make([]byte, tc.n)
@@ -123,7 +123,7 @@ func TestZeroAndTrim(t *testing.T) {
 	forEach(t, func(t *testing.T, b backend, ss int) {
 		e := newEnv(t, b, ss, diskSize, cryptodisk.Options{})
 		r := rand.New(rand.NewPCG(uint64(ss), 2))
-		model := randomBytes(r, diskSize)
+		model := cryptodisktest.RandomBytes(r, diskSize)
 		write(t, e.d, model, 0)
 		for _, m := range zeroModes {
 			for _, rg := range ranges {
@@ -131,7 +131,7 @@ func TestZeroAndTrim(t *testing.T) {
 					// Fresh data around the range, so each case zeroes
 					// written sectors, then check the surroundings too.
 					lo, hi := max(0, rg.off-8192), min(diskSize, rg.off+rg.n+8192)
-					copy(model[lo:hi], randomBytes(r, int(hi-lo)))
+					copy(model[lo:hi], cryptodisktest.RandomBytes(r, int(hi-lo)))
 					write(t, e.d, model[lo:hi], lo)
 					if err := m.zero(e.d, rg.off, rg.n); err != nil {
 						t.Fatalf("zero(%d, %d): %v", rg.off, rg.n, err)
@@ -166,7 +166,7 @@ func TestZeroAndTrim(t *testing.T) {
 
 func TestZeroFastNoHole(t *testing.T) {
 	e := newEnv(t, backends[0], 4096, diskSize, cryptodisk.Options{})
-	model := randomBytes(rand.New(rand.NewPCG(3, 3)), diskSize)
+	model := cryptodisktest.RandomBytes(rand.New(rand.NewPCG(3, 3)), diskSize)
 	write(t, e.d, model, 0)
 	for _, rg := range []struct{ off, n int64 }{{0, diskSize}, {100, 10}, {4096, 4096}} {
 		err := e.d.Zero(context.Background(), rg.off, rg.n, true, true)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/aes"
 	"fmt"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/cryptodisktest"
 	"math/rand/v2"
 	"testing"
 
@@ -78,7 +79,7 @@ func testKnownAnswer(t *testing.T, ss int, factory cryptodisk.CipherFactory) {
 	r := rand.New(rand.NewPCG(uint64(ss), 5))
 	last := int64(diskSize/ss) - 1
 	for _, s := range []int64{0, 1, 37, last / 2, last} {
-		pt := randomBytes(r, ss)
+		pt := cryptodisktest.RandomBytes(r, ss)
 		write(t, e.d, pt, s*int64(ss))
 		ct := raw(s)
 		if bytes.Equal(ct, pt) {
@@ -93,7 +94,7 @@ func testKnownAnswer(t *testing.T, ss int, factory cryptodisk.CipherFactory) {
 
 	// Reference ciphertext put in the store reads as its plaintext.
 	for _, s := range []int64{2, 100, last - 1} {
-		pt := randomBytes(r, ss)
+		pt := cryptodisktest.RandomBytes(r, ss)
 		ct := make([]byte, ss)
 		ref.Encrypt(ct, pt, tweak(s))
 		if err := e.store.WriteAt(ctx, ct, info.DataOffset+s*int64(ss)); err != nil {

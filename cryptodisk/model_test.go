@@ -146,7 +146,7 @@ func (s tearing) WriteAt(ctx context.Context, p []byte, off int64) error {
 func modelOp(ctx context.Context, r *rand.Rand, d *cryptodisk.Disk, model []byte, off, n int64) error {
 	switch op := r.IntN(10); {
 	case op < 4:
-		data := randomBytes(r, int(n))
+		data := cryptodisktest.RandomBytes(r, int(n))
 		copy(model[off:], data) // before WriteAt encrypts data in place
 		if err := d.WriteAt(ctx, data, off); err != nil {
 			return fmt.Errorf("WriteAt(%d+%d): %w", off, n, err)

@@ -67,12 +67,8 @@ func TestDisk(t *testing.T) {
 	if err := d2.ReadAt(ctx, got, 0); err != nil {
 		t.Fatalf("ReadAt: %v", err)
 	}
-	if !bytes.Equal(got, want) {
-		for i := range got {
-			if got[i] != want[i] {
-				t.Fatalf("reopened disk differs at byte %d: got %#x, want %#x", i, got[i], want[i])
-			}
-		}
+	if i := cryptodisktest.FirstDiff(got, want); i >= 0 {
+		t.Fatalf("reopened disk differs at byte %d: got %#x, want %#x", i, got[i], want[i])
 	}
 	// Extents: the trimmed range and never-written space are holes.
 	var holes, data int64

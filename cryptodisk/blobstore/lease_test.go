@@ -115,8 +115,8 @@ func TestBreakFromOutside(t *testing.T) {
 	}
 	// Reads still work, and show only what was written before the break.
 	got := make([]byte, 4096)
-	if err := s.ReadAt(ctx, got, 0); err != nil {
-		t.Errorf("ReadAt after the break: %v", err)
+	if err := s.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, old) {
+		t.Errorf("ReadAt after the break: %v (equal to what was written before: %v)", err, bytes.Equal(got, old))
 	}
 	if blobBytes := download(t, c, "d"); !bytes.Equal(blobBytes[:4096], old) || len(blobBytes) != 64<<10 {
 		t.Errorf("blob changed after the break (size %d, first page equal: %v)", len(blobBytes), bytes.Equal(blobBytes[:4096], old))

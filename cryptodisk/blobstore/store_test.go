@@ -114,8 +114,12 @@ func TestCreateAndOpenErrors(t *testing.T) {
 			_, err := blobstore.Open(ctx, blobstore.Options{Container: c, Name: "missing"})
 			return err
 		}, fs.ErrNotExist},
-		{"BadLeaseDuration", func() error {
-			_, err := blobstore.Open(ctx, blobstore.Options{Container: c, Name: "exists", LeaseDuration: 5 * time.Second})
+		{"ShortLeaseDuration", func() error {
+			_, err := blobstore.Create(ctx, blobstore.Options{Container: c, Name: "lease5", LeaseDuration: 5 * time.Second}, 4096, nil)
+			return err
+		}, nil},
+		{"FractionalLeaseDuration", func() error {
+			_, err := blobstore.Create(ctx, blobstore.Options{Container: c, Name: "lease20", LeaseDuration: 20500 * time.Millisecond}, 4096, nil)
 			return err
 		}, nil},
 		{"BadMetadataKey", func() error {

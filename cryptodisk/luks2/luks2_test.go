@@ -540,7 +540,12 @@ func TestReadMalformed(t *testing.T) {
 		{name: "bad magic", binary: func(b []byte) { b[0], b[mdSize] = 'X', 'X' }, wantErr: luks2.ErrNoHeader},
 		{name: "version 1", binary: func(b []byte) { b[7], b[mdSize+7] = 1, 1; fixChecksum(b, 0); fixChecksum(b, mdSize) }, wantErr: luks2.ErrCorrupt},
 		{name: "bad metadata size", binary: func(b []byte) { b[13], b[mdSize+13] = 0x50, 0x50; fixChecksum(b, 0); fixChecksum(b, mdSize) }, wantErr: luks2.ErrCorrupt},
-		{name: "bad checksum alg", binary: func(b []byte) { copy(b[72:], "md5\x00\x00\x00"); copy(b[mdSize+72:], "md5\x00\x00\x00") }, wantErr: luks2.ErrCorrupt},
+		{name: "bad checksum alg", binary: func(b []byte) {
+			copy(b[72:], "md5\x00\x00\x00")
+			copy(b[mdSize+72:], "md5\x00\x00\x00")
+			fixChecksum(b, 0)
+			fixChecksum(b, mdSize)
+		}, wantErr: luks2.ErrCorrupt},
 		{name: "garbage after NUL", binary: func(b []byte) { b[mdSize-1], b[2*mdSize-1] = 1, 1; fixChecksum(b, 0); fixChecksum(b, mdSize) }, wantErr: luks2.ErrCorrupt},
 		{name: "no NUL", binary: func(b []byte) {
 			for _, off := range []int{0, mdSize} {

@@ -12,7 +12,6 @@ package storagetest
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"github.com/cryptnbd/cryptnbd/cryptodisk/cryptodisktest"
@@ -99,15 +98,6 @@ func (m model) check(t *testing.T, st cryptodisk.Storage) {
 	}
 }
 
-func randomBytes(r *rand.Rand, n int) []byte {
-	b := make([]byte, n+8)
-	for i := 0; i < n; i += 8 {
-		// Every byte odd, never zero, so a lost write shows.
-		binary.LittleEndian.PutUint64(b[i:], r.Uint64()|0x0101010101010101)
-	}
-	return b[:n:n]
-}
-
 func (s Suite) testRoundTrip(t *testing.T) {
 	ctx := context.Background()
 	st := s.open(t, storeSize)
@@ -131,7 +121,7 @@ func (s Suite) testRoundTrip(t *testing.T) {
 		{12345, 0},
 	} {
 		t.Run(fmt.Sprintf("%d+%d", tc.off, tc.size), func(t *testing.T) {
-			data := randomBytes(r, tc.size)
+			data := cryptodisktest.RandomBytes(r, tc.size)
 			if err := st.WriteAt(ctx, bytes.Clone(data), tc.off); err != nil {
 				t.Fatalf("WriteAt: %v", err)
 			}
@@ -188,7 +178,7 @@ func (s Suite) testPunch(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			st := s.open(t, storeSize)
 			defer closeStore(t, st)
-			m := model(randomBytes(r, storeSize))
+			m := model(cryptodisktest.RandomBytes(r, storeSize))
 			if err := st.WriteAt(ctx, bytes.Clone(m), 0); err != nil {
 				t.Fatalf("WriteAt: %v", err)
 			}
@@ -202,7 +192,7 @@ func (s Suite) testPunch(t *testing.T) {
 				t.Fatalf("second Punch: %v", err)
 			}
 			if tc.len > 0 {
-				data := randomBytes(r, 300)
+				data := cryptodisktest.RandomBytes(r, 300)
 				at := tc.off + tc.len/2
 				at = min(at, storeSize-300)
 				if err := st.WriteAt(ctx, bytes.Clone(data), at); err != nil {
@@ -383,7 +373,7 @@ func (s Suite) testGrow(t *testing.T) {
 	st := s.open(t, storeSize)
 	defer closeStore(t, st)
 	r := rand.New(rand.NewPCG(5, 6))
-	m := model(randomBytes(r, storeSize))
+	m := model(cryptodisktest.RandomBytes(r, storeSize))
 	if err := st.WriteAt(ctx, bytes.Clone(m), 0); err != nil {
 		t.Fatalf("WriteAt: %v", err)
 	}
@@ -396,7 +386,7 @@ func (s Suite) testGrow(t *testing.T) {
 	}
 	m = append(m, make([]byte, grown-storeSize)...)
 	m.check(t, st)
-	data := randomBytes(r, 5000)
+	data := cryptodisktest.RandomBytes(r, 5000)
 	if err := st.WriteAt(ctx, bytes.Clone(data), grown-5000); err != nil {
 		t.Fatalf("WriteAt in grown range: %v", err)
 	}
@@ -472,7 +462,7 @@ func (s Suite) testConcurrent(t *testing.T) {
 					// A sub-range of one chunk, so neighbours stay untouched.
 					lo := int64(r.IntN(chunk))
 					n := 1 + r.IntN(chunk-int(lo))
-					data := randomBytes(r, n)
+					data := cryptodisktest.RandomBytes(r, n)
 					if err := st.WriteAt(ctx, bytes.Clone(data), off+lo); err != nil {
 						errs <- fmt.Errorf("goroutine %d: WriteAt: %w", g, err)
 						return
@@ -511,7 +501,7 @@ func (s Suite) testReopen(t *testing.T) {
 	st := s.open(t, storeSize)
 	r := rand.New(rand.NewPCG(8, 9))
 	m := make(model, storeSize)
-	data := randomBytes(r, 3*unit)
+	data := cryptodisktest.RandomBytes(r, 3*unit)
 	if err := st.WriteAt(ctx, bytes.Clone(data), unit+123); err != nil {
 		t.Fatalf("WriteAt: %v", err)
 	}

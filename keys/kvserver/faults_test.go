@@ -168,7 +168,7 @@ func TestThrottleAndOutage(t *testing.T) {
 	if _, err := c.GetKey(ctx, "k", "", nil); err != nil {
 		t.Errorf("GetKey after two 429s: %v", err)
 	}
-	if got := rec.statuses(); !equalInts(got, []int{429, 429, 200}) {
+	if got := rec.statuses(); !slices.Equal(got, []int{429, 429, 200}) {
 		t.Errorf("statuses %v, want [429 429 200]", got)
 	}
 
@@ -184,7 +184,7 @@ func TestThrottleAndOutage(t *testing.T) {
 	if got := errorOf(t, err); got != (vaultError{429, "Throttled", ""}) {
 		t.Errorf("got %+v", got)
 	}
-	if got := rec.statuses(); !equalInts(got, []int{429, 429, 429, 429}) {
+	if got := rec.statuses(); !slices.Equal(got, []int{429, 429, 429, 429}) {
 		t.Errorf("statuses %v, want four 429s", got)
 	}
 	if err := in.Admin.Throttle(ctx, 0, 0, 0); err != nil {

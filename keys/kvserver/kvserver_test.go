@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -139,7 +140,7 @@ func TestVault(t *testing.T) {
 	if err != nil {
 		t.Fatalf("CreateKey: %v", err)
 	}
-	if got, want := rec.statuses(), []int{401, 200}; !equalInts(got, want) {
+	if got, want := rec.statuses(), []int{401, 200}; !slices.Equal(got, want) {
 		t.Errorf("statuses of first request: got %v, want %v", got, want)
 	}
 	kid := string(*created.Key.KID)
@@ -289,7 +290,7 @@ func TestVault(t *testing.T) {
 			versions = append(versions, it.KID.Version())
 		}
 	}
-	if want := []string{v1, v2, v3}; !equalStrings(versions, want) {
+	if want := []string{v1, v2, v3}; !slices.Equal(versions, want) {
 		t.Errorf("versions %v, want %v", versions, want)
 	}
 	if n := len(rec.statuses()); n != 2 {
@@ -305,7 +306,7 @@ func TestVault(t *testing.T) {
 			names = append(names, it.KID.Name())
 		}
 	}
-	if !equalStrings(names, []string{"disk-kek"}) {
+	if !slices.Equal(names, []string{"disk-kek"}) {
 		t.Errorf("keys %v", names)
 	}
 
@@ -439,7 +440,7 @@ func TestVault(t *testing.T) {
 		t.Errorf("DES UnwrapKey: %v", err)
 	}
 	pols, err := adm.Policies(ctx)
-	if err != nil || !equalStrings(pols[des.ObjectID], []string{"get", "unwrapkey", "wrapkey"}) {
+	if err != nil || !slices.Equal(pols[des.ObjectID], []string{"get", "unwrapkey", "wrapkey"}) {
 		t.Errorf("Policies: %v %v", pols, err)
 	}
 	if err := adm.DeletePolicy(ctx, des.ObjectID); err != nil {
@@ -577,28 +578,4 @@ func checkDataDir(t *testing.T, dir string) {
 	if n != 3 {
 		t.Errorf("state.json has %d key versions, want 3", n)
 	}
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
-
-func equalStrings(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
