@@ -187,7 +187,15 @@ func TestSnapshotUnderWriteLoad(t *testing.T) {
 			}
 		})
 	}
-	time.Sleep(700 * time.Millisecond)
+	// Let the writers get going: some writes acknowledged before the
+	// snapshot, whatever the machine's speed.
+	for deadline := time.Now().Add(30 * time.Second); writes.Load() < 50; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			close(stop)
+			wg.Wait()
+			t.Fatalf("pattern writers did only %d writes in 30s", writes.Load())
+		}
+	}
 	var ackedBefore [blocks]uint64
 	for i := range acked {
 		ackedBefore[i] = acked[i].Load()
@@ -203,7 +211,10 @@ func TestSnapshotUnderWriteLoad(t *testing.T) {
 		wg.Wait()
 		t.Fatalf("snapshot create: %v", r)
 	}
-	time.Sleep(300 * time.Millisecond)
+	// And some after it, so the load ran across the snapshot.
+	for deadline, after := time.Now().Add(30*time.Second), writes.Load(); writes.Load() < after+50 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
 	close(stop)
 	wg.Wait()
 	close(werrs)

@@ -396,8 +396,10 @@ func checkNoKeyMaterialInLogs(t *testing.T, d *testDaemon, disk string) {
 func TestKeyVaultOutageGrace(t *testing.T) {
 	c := setupCMK(t, "4s")
 	wait := backgroundFio(t, c.d.URI("cmk"))
-	c.v.Stop()
+	// Taken before the stop: grace counts from the last good check, which
+	// came before the vault went away.
 	stopped := time.Now()
+	c.v.Stop()
 	w0 := showDisk(t, c.d, "cmk").WritesCompleted
 	time.Sleep(1500 * time.Millisecond)
 	s := showDisk(t, c.d, "cmk")

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cryptnbd/cryptnbd/nbd/tlsfiles"
 )
@@ -123,6 +124,11 @@ func TestTLSClientIdentities(t *testing.T) {
 	// SIGHUP reloads certificates without dropping the daemon.
 	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(d.logs.String(), "TLS certificates reloaded"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no reload logged within 10s of SIGHUP")
+		}
 	}
 	mustRun(t, "nbdinfo", "--json", nbds(d, "vault", pki))
 	if evs := auditEvents(t, d, "--disk", "vault"); !hasEvent(evs, "access-refused", "") {

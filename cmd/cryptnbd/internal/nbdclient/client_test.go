@@ -124,7 +124,7 @@ func TestReadWriteZeroFlush(t *testing.T) {
 	}
 }
 
-func TestReadOnlyAndUnknownExport(t *testing.T) {
+func TestReadOnlyExport(t *testing.T) {
 	uri := nbdkit(t, "1M", true)
 	c, err := nbdclient.Dial(context.Background(), uri)
 	if err != nil {
