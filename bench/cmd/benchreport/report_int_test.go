@@ -31,15 +31,17 @@ func TestParseFio(t *testing.T) {
 			MiBps: (145421265.0 + 62278792.0) / (1 << 20),
 			IOPS:  35503.238665 + 15204.783259,
 			P99us: 11337.728,
+			// usr_cpu + sys_cpu = 17.80497 % of job_runtime 8009 ms.
+			CPUS: 0.1780497 * 8.009,
 		}},
 		{name: "banner before the JSON", in: "connected to NBD server\n" + string(mixed), want: fioResult{
 			Bytes: 291860480 + 124993536, MiBps: (145421265.0 + 62278792.0) / (1 << 20),
-			IOPS: 35503.238665 + 15204.783259, P99us: 11337.728,
+			IOPS: 35503.238665 + 15204.783259, P99us: 11337.728, CPUS: 0.1780497 * 8.009,
 		}},
 		{name: "clat when no lat percentiles", in: `{"jobs":[{"read":{"io_bytes":4096,"bw_bytes":1048576,"iops":256,"clat_ns":{"percentile":{"99.000000":2000}}}}]}`,
 			want: fioResult{Bytes: 4096, MiBps: 1, IOPS: 256, P99us: 2}},
-		{name: "jobs summed", in: `{"jobs":[{"write":{"io_bytes":10,"bw_bytes":1048576,"iops":1}},{"write":{"io_bytes":20,"bw_bytes":2097152,"iops":2}}]}`,
-			want: fioResult{Bytes: 30, MiBps: 3, IOPS: 3}},
+		{name: "jobs summed", in: `{"jobs":[{"usr_cpu":10,"sys_cpu":40,"job_runtime":2000,"write":{"io_bytes":10,"bw_bytes":1048576,"iops":1}},{"usr_cpu":25,"job_runtime":4000,"write":{"io_bytes":20,"bw_bytes":2097152,"iops":2}}]}`,
+			want: fioResult{Bytes: 30, MiBps: 3, IOPS: 3, CPUS: 0.5*2 + 0.25*4}},
 		{name: "no jobs", in: `{"jobs":[]}`, wantErr: true},
 		{name: "job error", in: `{"jobs":[{"error":5}]}`, wantErr: true},
 		{name: "not JSON", in: "fio: engine nbd not loadable", wantErr: true},
@@ -51,7 +53,7 @@ func TestParseFio(t *testing.T) {
 			if (err != nil) != tt.wantErr {
 				t.Fatalf("parseFio() error = %v, wantErr %v", err, tt.wantErr)
 			}
-			if got.Bytes != tt.want.Bytes || !near(got.MiBps, tt.want.MiBps) || !near(got.IOPS, tt.want.IOPS) || !near(got.P99us, tt.want.P99us) {
+			if got.Bytes != tt.want.Bytes || !near(got.MiBps, tt.want.MiBps) || !near(got.IOPS, tt.want.IOPS) || !near(got.P99us, tt.want.P99us) || !near(got.CPUS, tt.want.CPUS) {
 				t.Errorf("parseFio() = %+v, want %+v", got, tt.want)
 			}
 		})
@@ -239,6 +241,9 @@ func TestReport(t *testing.T) {
 		"| nbdkit+luks ÷ nbdkit | 1.00× | – | 1.00× |",
 		"| nbdkit file | failed |  | 0 (1 failed) |", // copy-out
 		"| ≥ 0.9× best plain peer | mixed | nbdkit | 1.00× | met |",
+		// 1.00 s of server CPU and 1.426 s of fio's over 0.388 GiB, at 198 MiB/s.
+		"| nbdkit file | 198 | 50.7k | 11338 | 2.58 | 9.8 | 3.67 | 1 |",
+		"| cryptnbd | 2.58 + 3.67 (1.21) |",
 		"| ≥ 2.0× nbdkit+luks | seq-read | nbdkit+luks | – | not measured |",
 	} {
 		if !bytes.Contains(md, []byte(want)) {

@@ -24,9 +24,10 @@ type Run struct {
 	Exit     int     // client exit status; non-zero runs are left out
 	Load1    string  // 1-minute load average when the run started
 
-	MiBps float64 // throughput
-	IOPS  float64 // 0 for nbdcopy runs
-	P99us float64 // 99th percentile latency in µs, 0 for nbdcopy runs
+	MiBps      float64 // throughput
+	IOPS       float64 // 0 for nbdcopy runs
+	P99us      float64 // 99th percentile latency in µs, 0 for nbdcopy runs
+	ClientCPUS float64 // fio's own CPU seconds (user+system), 0 for nbdcopy runs
 }
 
 // OK reports whether the run finished and moved data.
@@ -38,6 +39,16 @@ func (r Run) CPUPerGiB() float64 {
 		return 0
 	}
 	return r.CPUS / (float64(r.Bytes) / (1 << 30))
+}
+
+// ClientCPUPerGiB is the client's CPU seconds per GiB moved, 0 where the
+// client's CPU was not measured. Client and server share the machine's
+// cores, so the two together bound throughput.
+func (r Run) ClientCPUPerGiB() float64 {
+	if r.Bytes == 0 {
+		return 0
+	}
+	return r.ClientCPUS / (float64(r.Bytes) / (1 << 30))
 }
 
 // loadRuns reads dir/raw/runs.tsv and the fio JSON files it names.
@@ -63,7 +74,7 @@ func loadRuns(dir string) ([]Run, error) {
 			if err != nil {
 				return nil, fmt.Errorf("benchreport: %w", err)
 			}
-			r.Bytes, r.MiBps, r.IOPS, r.P99us = fr.Bytes, fr.MiBps, fr.IOPS, fr.P99us
+			r.Bytes, r.MiBps, r.IOPS, r.P99us, r.ClientCPUS = fr.Bytes, fr.MiBps, fr.IOPS, fr.P99us, fr.CPUS
 		} else if r.WallS > 0 {
 			r.MiBps = float64(r.Bytes) / (1 << 20) / r.WallS
 		}
@@ -109,6 +120,7 @@ func parseRunLine(s string) (Run, string, error) {
 type fioResult struct {
 	Bytes              int64
 	MiBps, IOPS, P99us float64
+	CPUS               float64 // fio's user+system CPU seconds, all jobs
 }
 
 type fioDir struct {
@@ -159,6 +171,13 @@ func parseFio(rd io.Reader) (fioResult, error) {
 			Error int    `json:"error"`
 			Read  fioDir `json:"read"`
 			Write fioDir `json:"write"`
+			// usr_cpu and sys_cpu are percentages of job_runtime (ms).
+			// With group_reporting job_runtime is summed over the
+			// group's jobs and the percentages averaged, so their
+			// product is still the group's CPU time.
+			UsrCPU    float64 `json:"usr_cpu"`
+			SysCPU    float64 `json:"sys_cpu"`
+			RuntimeMS float64 `json:"job_runtime"`
 		} `json:"jobs"`
 	}
 	if err := json.Unmarshal(b[i:], &out); err != nil {
@@ -172,6 +191,7 @@ func parseFio(rd io.Reader) (fioResult, error) {
 		if j.Error != 0 {
 			return fioResult{}, fmt.Errorf("fio job error %d", j.Error)
 		}
+		r.CPUS += (j.UsrCPU + j.SysCPU) / 100 * j.RuntimeMS / 1000
 		for _, d := range []fioDir{j.Read, j.Write} {
 			if d.IOBytes == 0 {
 				continue

@@ -76,6 +76,7 @@ type Cell struct {
 	Rounds, Failed   int
 	MiBps, IOPS      float64
 	P99us, CPUPerGiB float64
+	ClientCPUPerGiB  float64 // fio's CPU per GiB; 0 for nbdcopy runs
 	MinMiBps         float64 // spread over the rounds, for the chart
 	MaxMiBps         float64
 }
@@ -124,7 +125,7 @@ func summarize(runs []Run) *Summary {
 	}
 	for k, rs := range groups {
 		c := &Cell{Server: k.server, Workload: k.wl}
-		var mib, iops, p99, cpu []float64
+		var mib, iops, p99, cpu, ccpu []float64
 		for _, r := range rs {
 			if !r.OK() {
 				c.Failed++
@@ -135,9 +136,11 @@ func summarize(runs []Run) *Summary {
 			iops = append(iops, r.IOPS)
 			p99 = append(p99, r.P99us)
 			cpu = append(cpu, r.CPUPerGiB())
+			ccpu = append(ccpu, r.ClientCPUPerGiB())
 		}
 		if c.Rounds > 0 {
 			c.MiBps, c.IOPS, c.P99us, c.CPUPerGiB = median(mib), median(iops), median(p99), median(cpu)
+			c.ClientCPUPerGiB = median(ccpu)
 			c.MinMiBps, c.MaxMiBps = slices.Min(mib), slices.Max(mib)
 		}
 		s.Cells[k.server][k.wl] = c

@@ -63,15 +63,15 @@ func writeMarkdown(w io.Writer, s *Summary, machine []string, chart string) {
 	p("## Headline\n\n")
 	writeHeadline(w, s)
 
-	p("\n## Per workload\n\nMiB/s and IOPS count both directions; p99 is the 99th percentile of total latency (the worse direction for mixed); CPU is the server's user+system seconds per GiB moved, and per request.\n")
+	p("\n## Per workload\n\nMiB/s and IOPS count both directions; p99 is the 99th percentile of total latency (the worse direction for mixed); CPU is the server's user+system seconds per GiB moved, and per request; client CPU is fio's own.\n")
 	for _, wl := range s.Workloads {
 		p("\n### %s: %s\n\n", wl, desc(wl))
 		cols := 4
 		if isFio(wl) {
-			cols = 7
+			cols = 8
 		}
 		if isFio(wl) {
-			p("| server | MiB/s | IOPS | p99 µs | CPU s/GiB | CPU µs/IO | rounds |\n|---|---:|---:|---:|---:|---:|---:|\n")
+			p("| server | MiB/s | IOPS | p99 µs | CPU s/GiB | CPU µs/IO | client CPU s/GiB | rounds |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
 		} else {
 			p("| server | MiB/s | CPU s/GiB | rounds |\n|---|---:|---:|---:|\n")
 		}
@@ -89,7 +89,7 @@ func writeMarkdown(w io.Writer, s *Summary, machine []string, chart string) {
 				continue
 			}
 			if isFio(wl) {
-				p("| %s | %s | %s | %.0f | %.2f | %.1f | %s |\n", label(srv), fmtMiB(c.MiBps), fmtIOPS(c.IOPS), c.P99us, c.CPUPerGiB, c.CPUPerIO(), rounds)
+				p("| %s | %s | %s | %.0f | %.2f | %.1f | %.2f | %s |\n", label(srv), fmtMiB(c.MiBps), fmtIOPS(c.IOPS), c.P99us, c.CPUPerGiB, c.CPUPerIO(), c.ClientCPUPerGiB, rounds)
 			} else {
 				p("| %s | %s | %.2f | %s |\n", label(srv), fmtMiB(c.MiBps), c.CPUPerGiB, rounds)
 			}
@@ -147,8 +147,45 @@ func writeMarkdown(w io.Writer, s *Summary, machine []string, chart string) {
 		p("\n")
 	}
 
+	writeCPUBudget(w, s)
+
 	p("\n## Targets\n\n")
 	writeTargets(w, s.targets())
+}
+
+// writeCPUBudget writes server + client CPU per GiB for the fio workloads,
+// and the cores the two kept busy together. Client and server share the
+// machine, so where that comes near the core count the sum, not either
+// side alone, is what bounds throughput.
+func writeCPUBudget(w io.Writer, s *Summary) {
+	var wls []string
+	for _, wl := range s.Workloads {
+		if isFio(wl) {
+			wls = append(wls, wl)
+		}
+	}
+	if len(wls) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "\n### CPU per GiB: server + client (cores busy)\n\n")
+	fmt.Fprintf(w, "Both run on this machine: at most cores ÷ (server + client) GiB/s gets through, whatever the server does with the rest of its time. In brackets, the cores the two kept busy together (the server's process tree and fio; nothing else, such as Azurite, is counted).\n\n| |")
+	for _, wl := range wls {
+		fmt.Fprintf(w, " %s |", wl)
+	}
+	fmt.Fprintf(w, "\n|---|%s\n", strings.Repeat("---:|", len(wls)))
+	for _, srv := range s.Servers {
+		fmt.Fprintf(w, "| %s |", short(srv))
+		for _, wl := range wls {
+			c := s.Cell(srv, wl)
+			if c == nil || c.ClientCPUPerGiB == 0 {
+				fmt.Fprintf(w, " – |")
+				continue
+			}
+			total := c.CPUPerGiB + c.ClientCPUPerGiB
+			fmt.Fprintf(w, " %.2f + %.2f (%.2f) |", c.CPUPerGiB, c.ClientCPUPerGiB, total*c.MiBps/1024)
+		}
+		fmt.Fprintf(w, "\n")
+	}
 }
 
 func desc(wl string) string {
@@ -205,7 +242,7 @@ func writeTargets(w io.Writer, ts []Target) {
 // writeSummaryCSV writes one row per server × workload with the medians.
 func writeSummaryCSV(w io.Writer, s *Summary) error {
 	cw := csv.NewWriter(w)
-	cw.Write([]string{"server", "workload", "rounds", "failed", "mib_per_s", "iops", "p99_us", "server_cpu_s_per_gib", "min_mib_per_s", "max_mib_per_s"})
+	cw.Write([]string{"server", "workload", "rounds", "failed", "mib_per_s", "iops", "p99_us", "server_cpu_s_per_gib", "min_mib_per_s", "max_mib_per_s", "client_cpu_s_per_gib"})
 	for _, srv := range s.Servers {
 		for _, wl := range s.Workloads {
 			c := s.Cells[srv][wl]
@@ -214,7 +251,7 @@ func writeSummaryCSV(w io.Writer, s *Summary) error {
 			}
 			f := func(v float64, prec int) string { return strconv.FormatFloat(v, 'f', prec, 64) }
 			cw.Write([]string{srv, wl, strconv.Itoa(c.Rounds), strconv.Itoa(c.Failed),
-				f(c.MiBps, 1), f(c.IOPS, 0), f(c.P99us, 0), f(c.CPUPerGiB, 3), f(c.MinMiBps, 1), f(c.MaxMiBps, 1)})
+				f(c.MiBps, 1), f(c.IOPS, 0), f(c.P99us, 0), f(c.CPUPerGiB, 3), f(c.MinMiBps, 1), f(c.MaxMiBps, 1), f(c.ClientCPUPerGiB, 3)})
 		}
 	}
 	cw.Flush()
@@ -224,11 +261,11 @@ func writeSummaryCSV(w io.Writer, s *Summary) error {
 // writeRunsCSV writes every run, one row each.
 func writeRunsCSV(w io.Writer, runs []Run) error {
 	cw := csv.NewWriter(w)
-	cw.Write([]string{"round", "server", "workload", "exit", "wall_s", "bytes", "mib_per_s", "iops", "p99_us", "server_cpu_s", "server_cpu_s_per_gib", "load1"})
+	cw.Write([]string{"round", "server", "workload", "exit", "wall_s", "bytes", "mib_per_s", "iops", "p99_us", "server_cpu_s", "server_cpu_s_per_gib", "load1", "client_cpu_s"})
 	for _, r := range runs {
 		f := func(v float64, prec int) string { return strconv.FormatFloat(v, 'f', prec, 64) }
 		cw.Write([]string{strconv.Itoa(r.Round), r.Server, r.Workload, strconv.Itoa(r.Exit), f(r.WallS, 3),
-			strconv.FormatInt(r.Bytes, 10), f(r.MiBps, 1), f(r.IOPS, 0), f(r.P99us, 0), f(r.CPUS, 2), f(r.CPUPerGiB(), 3), r.Load1})
+			strconv.FormatInt(r.Bytes, 10), f(r.MiBps, 1), f(r.IOPS, 0), f(r.P99us, 0), f(r.CPUS, 2), f(r.CPUPerGiB(), 3), r.Load1, f(r.ClientCPUS, 2)})
 	}
 	cw.Flush()
 	return cw.Error()
