@@ -6,20 +6,21 @@ import (
 )
 
 // Payload buffers come from power-of-two size classes between 4 KiB and
-// MaxPayload, each a sync.Pool of *[]byte so that Get and Put do not
+// MaxPayload, each a sync.Pool of *[]byte so that get and put do not
 // allocate. A buffer has one owner at a time: reader (WRITE payload) or
-// worker (READ data), then the writer, which returns it to its pool.
+// worker (READ data), then the writer, which returns it to its pool. Each
+// Server has its own pools, so servers in one process share no state.
 const (
 	minClassShift = 12 // 4 KiB
 	maxClassShift = 25 // 32 MiB == MaxPayload
 )
 
-var bufClasses [maxClassShift - minClassShift + 1]sync.Pool
+type bufPools [maxClassShift - minClassShift + 1]sync.Pool
 
-func init() {
-	for i := range bufClasses {
+func (p *bufPools) init() {
+	for i := range p {
 		size := 1 << (minClassShift + i)
-		bufClasses[i].New = func() any {
+		p[i].New = func() any {
 			b := make([]byte, size)
 			return &b
 		}
@@ -34,19 +35,19 @@ func classFor(n int) int {
 	return bits.Len(uint(n-1)) - minClassShift
 }
 
-// getBuf returns a pooled buffer whose length is n (0 < n <= MaxPayload).
-func getBuf(n int) *[]byte {
-	bp := bufClasses[classFor(n)].Get().(*[]byte)
+// get returns a pooled buffer whose length is n (0 < n <= MaxPayload).
+func (p *bufPools) get(n int) *[]byte {
+	bp := p[classFor(n)].Get().(*[]byte)
 	*bp = (*bp)[:n]
 	return bp
 }
 
-// putBuf returns a buffer obtained from getBuf.
-func putBuf(bp *[]byte) {
+// put returns a buffer obtained from get.
+func (p *bufPools) put(bp *[]byte) {
 	if bp == nil {
 		return
 	}
 	b := (*bp)[:cap(*bp)]
 	*bp = b
-	bufClasses[classFor(cap(b))].Put(bp)
+	p[classFor(cap(b))].Put(bp)
 }

@@ -396,7 +396,7 @@ func (c *conn) chargeBuf(r *request) bool {
 		return false
 	}
 	r.charged = n
-	r.buf = getBuf(int(r.length))
+	r.buf = c.s.bufs.get(int(r.length))
 	return true
 }
 
@@ -527,7 +527,7 @@ func (c *conn) do(r *request) error {
 }
 
 func (c *conn) blockStatus(r *request) error {
-	r.ext = getBuf(4 + 8*maxExtents)
+	r.ext = c.s.bufs.get(4 + 8*maxExtents)
 	r.nExt = 0
 	r.extRemain = int64(r.length)
 	if err := c.exp.Backend.Extents(c.ctx, int64(r.off), int64(r.length), r.extFn); err != nil {
@@ -625,8 +625,8 @@ func (c *conn) failWrite(err error) {
 }
 
 func (c *conn) release(r *request) {
-	putBuf(r.buf)
-	putBuf(r.ext)
+	c.s.bufs.put(r.buf)
+	c.s.bufs.put(r.ext)
 	if r.charged > 0 {
 		c.bytes.release(r.charged)
 	}

@@ -201,6 +201,7 @@ type Server struct {
 	opts Options
 	log  *slog.Logger
 	tls  *tls.Config // nil when TLSMode is TLSOff
+	bufs bufPools    // request payloads, shared by the connections
 
 	nextID     atomic.Uint64
 	accepted   atomic.Uint64
@@ -233,6 +234,7 @@ func NewServer(c Catalog, o Options) *Server {
 		perAddr:   make(map[netip.Addr]int),
 		refused:   make(map[string]uint64),
 	}
+	s.bufs.init()
 	switch o.TLSMode {
 	case TLSOff:
 	case TLSOn, TLSRequire:
