@@ -323,15 +323,13 @@ func (m *Manager) Detach(ctx context.Context, name string, force bool) (DiskInfo
 		m.mu.Unlock()
 		return DiskInfo{}, fmt.Errorf("%w: %s has %d; disconnect them or use --force", ErrInUse, name, n)
 	}
-	if e.stopWatch != nil {
-		e.stopWatch()
-		e.stopWatch = nil
-	}
+	stop := e.takeStopWatch()
 	d := e.disk
 	e.disk, e.store, e.remote, e.lost = nil, nil, true, false
 	e.heldBy, e.leaseState = "", "available"
 	err := m.setAttachedLocked(name, false)
 	m.mu.Unlock()
+	stop() // before Close, as in Delete
 	if err != nil {
 		m.log.Warn("attached-disk list not saved", "err", err)
 	}

@@ -464,10 +464,9 @@ func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 		return fmt.Errorf("%w: %s has %s, which hold the same volume key: shredding the disk would not make their data unreadable; delete them first, or use --force to keep them", ErrHasSnapshots, name, strings.Join(snaps, ", "))
 	}
 	delete(m.disks, name)
-	if e.stopWatch != nil {
-		e.stopWatch()
-	}
+	stop := e.takeStopWatch()
 	m.mu.Unlock()
+	stop() // before Close: no Resume may reopen the gate of a closed disk
 	if e.disk != nil {
 		e.disk.Close()
 	}

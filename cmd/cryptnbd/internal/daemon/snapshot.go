@@ -259,10 +259,9 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, full string, force bool) e
 		return fmt.Errorf("%w: snapshot %s has %d; disconnect them or use --force", ErrInUse, full, n)
 	}
 	delete(m.snaps, full)
-	if e.stopWatch != nil {
-		e.stopWatch()
-	}
+	stop := e.takeStopWatch()
 	m.mu.Unlock()
+	stop() // before Close, as in Delete
 	if e.disk != nil {
 		e.disk.Close()
 	}

@@ -45,13 +45,39 @@ func (t diskTarget) Resume(ctx context.Context) error {
 }
 
 // watch registers a customer-key disk with the watcher under its current
-// kid, replacing any earlier registration.
+// kid, replacing any earlier registration. The earlier one is stopped
+// outside m.mu (see takeStopWatch); if the disk went away meanwhile, it is
+// not registered again.
 func (m *Manager) watch(e *entry, des string, kv *keys.KeyVault) {
 	m.mu.Lock()
+	stop := e.takeStopWatch()
+	m.mu.Unlock()
+	stop()
+	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.disks[e.name] != e || e.disk == nil {
+		return
+	}
 	m.watchLocked(e, des, kv)
 }
 
+// takeStopWatch detaches the entry's watch and returns the function that
+// ends it; the caller holds m.mu and calls the result after releasing it.
+// Ending a watch waits for a Suspend or Resume of the disk in flight, and
+// a Resume waits on Key Vault for as long as an unwrap may take: under
+// m.mu that would stall every other disk operation meanwhile.
+func (e *entry) takeStopWatch() (stop func()) {
+	stop = e.stopWatch
+	e.stopWatch = nil
+	if stop == nil {
+		return func() {}
+	}
+	return stop
+}
+
+// watchLocked registers the watch of a disk just opened. An entry that is
+// already watched goes through watch instead, which stops the old watch
+// outside m.mu; the stop here is only a guard against a double watch.
 func (m *Manager) watchLocked(e *entry, des string, kv *keys.KeyVault) {
 	if e.stopWatch != nil {
 		e.stopWatch()
