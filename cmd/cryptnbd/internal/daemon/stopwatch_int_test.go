@@ -3,11 +3,23 @@ package daemon
 import (
 	"context"
 	"log/slog"
+	"os"
 	"testing"
 	"time"
 
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/blobstore/azuritetest"
 )
+
+// azurite is the package's Azure Storage emulator, started by the first
+// test that needs a shared store.
+var azurite azuritetest.Shared
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	azurite.Stop()
+	os.Exit(code)
+}
 
 // TestStopWatchOutsideManagerLock stands in for the watcher's stop function
 // while a Resume of the disk is waiting on Key Vault: it returns only when
@@ -41,62 +53,102 @@ func TestStopWatchOutsideManagerLock(t *testing.T) {
 			name:   "delete snapshot",
 			entry:  func() *entry { return m.snaps["d@s"] },
 			delete: func() error { return m.DeleteSnapshot(ctx, "d@s", false) },
-			gone:   func() bool { return len(m.ListSnapshots("d")) == 0 },
+			gone:   func() bool { _, ok := m.snaps["d@s"]; return !ok },
 		},
 		{
 			name:   "delete disk",
 			entry:  func() *entry { return m.disks["d"] },
 			delete: func() error { return m.Delete(ctx, "d", false) },
-			gone:   func() bool { _, err := m.Show("d"); return err != nil },
+			gone:   func() bool { _, ok := m.disks["d"]; return !ok },
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			entered, release := make(chan struct{}), make(chan struct{})
-			m.mu.Lock()
-			e := tt.entry()
-			if e == nil || e.disk == nil {
-				m.mu.Unlock()
-				t.Fatal("entry not open")
-			}
-			e.stopWatch = func() { close(entered); <-release }
-			m.mu.Unlock()
-			released := false
-			defer func() {
-				if !released {
-					close(release)
-				}
-			}()
-
-			done := make(chan error, 1)
-			go func() { done <- tt.delete() }()
-			<-entered
-			shown := make(chan error, 1)
-			go func() { _, err := m.Show("other"); shown <- err }()
-			select {
-			case err := <-shown:
-				if err != nil {
-					t.Errorf("Show(other) while the watch was stopping: %v", err)
-				}
-			case <-time.After(30 * time.Second):
-				t.Fatal("the manager stayed locked while the delete waited for the watch to stop")
-			}
-			select {
-			case err := <-done:
-				t.Fatalf("delete returned (%v) before the watch had stopped", err)
-			default:
-			}
-			if state, _, _ := e.disk.State(); state == cryptodisk.StateClosed {
-				t.Error("disk closed before its watch had stopped")
-			}
-			released = true
-			close(release)
-			if err := <-done; err != nil {
-				t.Fatalf("delete: %v", err)
-			}
-			if !tt.gone() {
-				t.Error("still listed after the delete")
-			}
+			checkStopOutsideLock(t, m, tt.entry, tt.delete, tt.gone)
 		})
+	}
+}
+
+// TestDetachStopsWatchOutsideManagerLock is the same check for Detach,
+// which only disks on a shared store have.
+func TestDetachStopsWatchOutsideManagerLock(t *testing.T) {
+	ctx := context.Background()
+	conn := azurite.ConnString(t)
+	st, err := OpenState(ctx, StateOptions{
+		DataDir: t.TempDir(), PBKDFIterations: 1000, Logger: slog.New(slog.DiscardHandler),
+		Store: &StoreConfig{Kind: StoreAzblob, Container: "stopwatch", ConnectionString: conn},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close(context.Background()) })
+	m := st.Manager
+	for _, name := range []string{"d", "other"} {
+		if _, err := m.Create(ctx, CreateRequest{Name: name, SizeBytes: 1 << 20}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkStopOutsideLock(t, m,
+		func() *entry { return m.disks["d"] },
+		func() error { _, err := m.Detach(ctx, "d", false); return err },
+		func() bool { e := m.disks["d"]; return e != nil && e.disk == nil },
+	)
+}
+
+// checkStopOutsideLock gives the entry a watch whose stop blocks until
+// released, runs del, and checks that the manager answers for another
+// disk while del waits, that del neither returns nor closes the disk
+// before the stop returns, and that gone holds afterwards (gone runs
+// under m.mu).
+func checkStopOutsideLock(t *testing.T, m *Manager, entryOf func() *entry, del func() error, gone func() bool) {
+	t.Helper()
+	entered, release := make(chan struct{}), make(chan struct{})
+	m.mu.Lock()
+	e := entryOf()
+	if e == nil || e.disk == nil {
+		m.mu.Unlock()
+		t.Fatal("entry not open")
+	}
+	d := e.disk
+	e.stopWatch = func() { close(entered); <-release }
+	m.mu.Unlock()
+	released := false
+	defer func() {
+		if !released {
+			close(release)
+		}
+	}()
+
+	done := make(chan error, 1)
+	go func() { done <- del() }()
+	<-entered
+	shown := make(chan error, 1)
+	go func() { _, err := m.Show("other"); shown <- err }()
+	select {
+	case err := <-shown:
+		if err != nil {
+			t.Errorf("Show(other) while the watch was stopping: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the manager stayed locked while waiting for the watch to stop")
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("returned (%v) before the watch had stopped", err)
+	default:
+	}
+	if state, _, _ := d.State(); state == cryptodisk.StateClosed {
+		t.Error("disk closed before its watch had stopped")
+	}
+	released = true
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	m.mu.Lock()
+	ok := gone()
+	m.mu.Unlock()
+	if !ok {
+		t.Error("still served after it returned")
 	}
 }
