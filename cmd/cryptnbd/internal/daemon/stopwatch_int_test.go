@@ -28,17 +28,7 @@ func TestMain(m *testing.M) {
 // every other disk operation would stall for as long as the unwrap takes.
 func TestStopWatchOutsideManagerLock(t *testing.T) {
 	ctx := context.Background()
-	st, err := OpenState(ctx, StateOptions{DataDir: t.TempDir(), PBKDFIterations: 1000, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close(context.Background()) })
-	m := st.Manager
-	for _, name := range []string{"d", "other"} {
-		if _, err := m.Create(ctx, CreateRequest{Name: name, SizeBytes: 1 << 20}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	m := managerWithDisks(t, nil)
 	if _, err := m.CreateSnapshot(ctx, SnapshotRequest{Name: "s", Source: "d"}); err != nil {
 		t.Fatal(err)
 	}
@@ -73,26 +63,30 @@ func TestStopWatchOutsideManagerLock(t *testing.T) {
 // which only disks on a shared store have.
 func TestDetachStopsWatchOutsideManagerLock(t *testing.T) {
 	ctx := context.Background()
-	conn := azurite.ConnString(t)
-	st, err := OpenState(ctx, StateOptions{
-		DataDir: t.TempDir(), PBKDFIterations: 1000, Logger: slog.New(slog.DiscardHandler),
-		Store: &StoreConfig{Kind: StoreAzblob, Container: "stopwatch", ConnectionString: conn},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close(context.Background()) })
-	m := st.Manager
-	for _, name := range []string{"d", "other"} {
-		if _, err := m.Create(ctx, CreateRequest{Name: name, SizeBytes: 1 << 20}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	m := managerWithDisks(t, &StoreConfig{Kind: StoreAzblob, Container: "stopwatch", ConnectionString: azurite.ConnString(t)})
 	checkStopOutsideLock(t, m,
 		func() *entry { return m.disks["d"] },
 		func() error { _, err := m.Detach(ctx, "d", false); return err },
 		func() bool { e := m.disks["d"]; return e != nil && e.disk == nil },
 	)
+}
+
+// managerWithDisks opens a data directory on store (nil: files) with
+// disks "d" and "other".
+func managerWithDisks(t *testing.T, store *StoreConfig) *Manager {
+	t.Helper()
+	ctx := context.Background()
+	st, err := OpenState(ctx, StateOptions{DataDir: t.TempDir(), PBKDFIterations: 1000, Logger: slog.New(slog.DiscardHandler), Store: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close(context.Background()) })
+	for _, name := range []string{"d", "other"} {
+		if _, err := st.Manager.Create(ctx, CreateRequest{Name: name, SizeBytes: 1 << 20}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return st.Manager
 }
 
 // checkStopOutsideLock gives the entry a watch whose stop blocks until
