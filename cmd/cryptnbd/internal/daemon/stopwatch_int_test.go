@@ -7,8 +7,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
+	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
+
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
 	"github.com/cryptnbd/cryptnbd/cryptodisk/blobstore/azuritetest"
+	"github.com/cryptnbd/cryptnbd/keys/kvserver"
+	"github.com/cryptnbd/cryptnbd/keys/kvserver/kvservertest"
 )
 
 // azurite is the package's Azure Storage emulator, started by the first
@@ -92,9 +97,9 @@ func managerWithDisks(t *testing.T, store *StoreConfig) *Manager {
 // checkStopOutsideLock gives the entry a watch whose stop blocks until
 // released, runs del, and checks that the manager answers for another
 // disk while del waits, that del neither returns nor closes the disk
-// before the stop returns, and that gone holds afterwards (gone runs
-// under m.mu).
-func checkStopOutsideLock(t *testing.T, m *Manager, entryOf func() *entry, del func() error, gone func() bool) {
+// before the stop returns, and that after holds afterwards (it runs under
+// m.mu).
+func checkStopOutsideLock(t *testing.T, m *Manager, entryOf func() *entry, del func() error, after func() bool) {
 	t.Helper()
 	entered, release := make(chan struct{}), make(chan struct{})
 	m.mu.Lock()
@@ -140,9 +145,62 @@ func checkStopOutsideLock(t *testing.T, m *Manager, entryOf func() *entry, del f
 		t.Fatal(err)
 	}
 	m.mu.Lock()
-	ok := gone()
+	ok := after()
 	m.mu.Unlock()
 	if !ok {
-		t.Error("still served after it returned")
+		t.Error("not in the state expected after it returned")
 	}
+}
+
+// TestRotationStopsOldWatchOutsideManagerLock is the same check for the
+// watch a rotation replaces: RotateDES re-wraps the disk under the key's
+// new version, then stops the watch of the old one.
+func TestRotationStopsOldWatchOutsideManagerLock(t *testing.T) {
+	ctx := context.Background()
+	in := kvservertest.Start(t, kvserver.Options{PurgeProtection: true})
+	kc := in.KeysClient(t, in.Credential(t, ""), nil)
+	key, err := kc.CreateKey(ctx, "dk", azkeys.CreateKeyParameters{Kty: to.Ptr(azkeys.KeyTypeRSA), KeySize: to.Ptr[int32](2048)}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Init points the process's managed-identity variables at the vault;
+	// t.Setenv restores them afterwards.
+	t.Setenv("IDENTITY_ENDPOINT", "")
+	t.Setenv("IDENTITY_HEADER", "")
+	vc := &VaultConfig{LocalVaultDir: in.Options.DataDir}
+	if err := vc.Init(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := OpenState(ctx, StateOptions{DataDir: t.TempDir(), PBKDFIterations: 1000, Logger: slog.New(slog.DiscardHandler), Vault: vc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close(context.Background()) })
+	m := st.Manager
+	des, err := m.CreateDES(ctx, DESRequest{Name: "des1", KeyURL: string(*key.Key.KID)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := in.Admin.SetPolicy(ctx, des.Identity.PrincipalID, []string{"get", "wrapKey", "unwrapKey"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Create(ctx, CreateRequest{Name: "d", SizeBytes: 1 << 20, DES: "des1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Create(ctx, CreateRequest{Name: "other", SizeBytes: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	rotated, err := kc.RotateKey(ctx, "dk", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkStopOutsideLock(t, m,
+		func() *entry { return m.disks["d"] },
+		func() error { _, err := m.RotateDES(ctx, "des1"); return err },
+		// Not gone: watched again, under the new version.
+		func() bool {
+			e := m.disks["d"]
+			return e.stopWatch != nil && e.disk.Token().KeyID == string(*rotated.Key.KID)
+		},
+	)
 }
