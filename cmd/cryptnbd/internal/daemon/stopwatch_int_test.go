@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"testing"
@@ -68,7 +69,9 @@ func TestStopWatchOutsideManagerLock(t *testing.T) {
 // which only disks on a shared store have.
 func TestDetachStopsWatchOutsideManagerLock(t *testing.T) {
 	ctx := context.Background()
-	m := managerWithDisks(t, &StoreConfig{Kind: StoreAzblob, Container: "stopwatch", ConnectionString: azurite.ConnString(t)})
+	// The emulator outlives a test; a fresh container keeps runs apart.
+	container := fmt.Sprintf("stopwatch-%d-%d", os.Getpid(), time.Now().UnixNano())
+	m := managerWithDisks(t, &StoreConfig{Kind: StoreAzblob, Container: container, ConnectionString: azurite.ConnString(t)})
 	checkStopOutsideLock(t, m,
 		func() *entry { return m.disks["d"] },
 		func() error { _, err := m.Detach(ctx, "d", false); return err },
