@@ -43,24 +43,24 @@ func TestStopWatchOutsideManagerLock(t *testing.T) {
 		name   string
 		entry  func() *entry
 		delete func() error
-		gone   func() bool
+		after  func() bool // the entry is gone
 	}{
 		{
 			name:   "delete snapshot",
 			entry:  func() *entry { return m.snaps["d@s"] },
 			delete: func() error { return m.DeleteSnapshot(ctx, "d@s", false) },
-			gone:   func() bool { _, ok := m.snaps["d@s"]; return !ok },
+			after:  func() bool { _, ok := m.snaps["d@s"]; return !ok },
 		},
 		{
 			name:   "delete disk",
 			entry:  func() *entry { return m.disks["d"] },
 			delete: func() error { return m.Delete(ctx, "d", false) },
-			gone:   func() bool { _, ok := m.disks["d"]; return !ok },
+			after:  func() bool { _, ok := m.disks["d"]; return !ok },
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			checkStopOutsideLock(t, m, tt.entry, tt.delete, tt.gone)
+			checkStopOutsideLock(t, m, tt.entry, tt.delete, tt.after)
 		})
 	}
 }
