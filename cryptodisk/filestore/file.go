@@ -18,9 +18,11 @@ import (
 // concurrent use: reads and writes are positional, and Sync coalesces
 // concurrent callers into as few fdatasync calls as cover them all.
 type File struct {
-	f    *os.File
-	fd   int
-	size atomic.Int64
+	f        *os.File
+	fd       int
+	readOnly bool
+	size     atomic.Int64
+	m        mapping
 
 	// smu guards the group-commit state below. A Sync call takes a ticket;
 	// one caller at a time runs fdatasync on behalf of every ticket issued
@@ -46,7 +48,7 @@ func Create(path string, size int64) (*File, error) {
 		os.Remove(path)
 		return nil, fmt.Errorf("filestore: create %s: %w", path, err)
 	}
-	return newFile(f, size), nil
+	return newFile(f, size, false), nil
 }
 
 // Open opens an existing image, read-write unless readOnly.
@@ -64,11 +66,11 @@ func Open(path string, readOnly bool) (*File, error) {
 		f.Close()
 		return nil, fmt.Errorf("filestore: open %s: %w", path, err)
 	}
-	return newFile(f, st.Size()), nil
+	return newFile(f, st.Size(), readOnly), nil
 }
 
-func newFile(f *os.File, size int64) *File {
-	s := &File{f: f, fd: int(f.Fd())}
+func newFile(f *os.File, size int64, readOnly bool) *File {
+	s := &File{f: f, fd: int(f.Fd()), readOnly: readOnly}
 	s.size.Store(size)
 	s.cond = sync.NewCond(&s.smu)
 	return s
@@ -233,12 +235,17 @@ func (s *File) Grow(ctx context.Context, size int64) error {
 	if err := s.f.Sync(); err != nil {
 		return fmt.Errorf("filestore: grow: %w", err)
 	}
+	s.m.resize(s.fd, size)
 	s.size.Store(size)
 	return nil
 }
 
 // Close closes the file without syncing.
 func (s *File) Close() error {
+	if err := s.m.unmap(); err != nil {
+		s.f.Close()
+		return fmt.Errorf("filestore: close: unmap: %w", err)
+	}
 	if err := s.f.Close(); err != nil {
 		return fmt.Errorf("filestore: close: %w", err)
 	}
