@@ -3,10 +3,12 @@ package cryptodisk_test
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"testing"
 
 	"github.com/cryptnbd/cryptnbd/cryptodisk"
 	"github.com/cryptnbd/cryptnbd/cryptodisk/cryptodisktest"
+	"github.com/cryptnbd/cryptnbd/cryptodisk/filestore"
 	"github.com/cryptnbd/cryptnbd/cryptodisk/memstore"
 	"github.com/cryptnbd/cryptnbd/cryptodisk/xts"
 )
@@ -17,12 +19,15 @@ var extraBenchCiphers = []struct {
 	f    cryptodisk.CipherFactory
 }{{"xts", func(key []byte) (cryptodisk.SectorCipher, error) { return xts.New(key) }}}
 
-// benchDisk is a 64 MiB memory disk whose data region is fully written, so
+// benchSize is the benchmark disks' size.
+const benchSize = 64 << 20
+
+// benchDisk is a disk on store whose data region is fully written, so
 // reads decrypt rather than skip holes.
-func benchDisk(b *testing.B, ss int, factory cryptodisk.CipherFactory) *cryptodisk.Disk {
+func benchDisk(b *testing.B, store cryptodisk.Storage, ss int, factory cryptodisk.CipherFactory) *cryptodisk.Disk {
 	b.Helper()
-	const size = 64 << 20
-	d, err := cryptodisk.Create(context.Background(), memstore.New(0), cryptodisktest.NewKeys("bench"),
+	const size = benchSize
+	d, err := cryptodisk.Create(context.Background(), store, cryptodisktest.NewKeys("bench"),
 		cryptodisk.CreateOptions{SizeBytes: size, SectorSize: ss, Provider: "bench"},
 		cryptodisk.Options{Cipher: factory})
 	if err != nil {
@@ -53,7 +58,7 @@ func BenchmarkDisk(b *testing.B) {
 	ciphers = append(ciphers, extraBenchCiphers...)
 	for _, c := range ciphers {
 		for _, ss := range []int{4096, 512} {
-			d := benchDisk(b, ss, c.f)
+			d := benchDisk(b, memstore.New(0), ss, c.f)
 			for _, n := range []int{4 << 10, 1 << 20} {
 				for _, shift := range []int64{0, 512} {
 					if shift != 0 && ss == 512 {
@@ -93,5 +98,42 @@ func BenchmarkDisk(b *testing.B) {
 				}
 			}
 		}
+	}
+}
+
+// BenchmarkDiskLent measures 1 MiB requests on a file in /dev/shm that lends
+// its pages, so the cipher works on the page cache directly, with
+// allocations per request (the fault handling must not add any).
+func BenchmarkDiskLent(b *testing.B) {
+	const size = benchSize
+	f, err := filestore.Create(filepath.Join(cryptodisktest.TmpfsDir(b), "disk.img"), 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := f.Map(); err != nil {
+		b.Fatal(err)
+	}
+	// Filled with pwrite (the pages are holes until then), then cached.
+	d := benchDisk(b, f, 4096, nil)
+	ctx := context.Background()
+	buf := make([]byte, 1<<20)
+	for _, op := range []string{"ReadAt", "WriteAt"} {
+		b.Run(op+"/1024K", func(b *testing.B) {
+			b.SetBytes(int64(len(buf)))
+			b.ReportAllocs()
+			var off int64
+			for b.Loop() {
+				var err error
+				if op == "ReadAt" {
+					err = d.ReadAt(ctx, buf, off)
+				} else {
+					err = d.WriteAt(ctx, buf, off)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+				off = (off + int64(len(buf))) % size
+			}
+		})
 	}
 }

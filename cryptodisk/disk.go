@@ -66,6 +66,7 @@ type CreateOptions struct {
 // implements the NBD layer's Backend and the key watcher's suspend target.
 type Disk struct {
 	store      Storage
+	lender     Lender // store, where it lends its pages; else nil
 	log        *slog.Logger
 	newCipher  CipherFactory
 	hold       time.Duration
@@ -292,6 +293,7 @@ func open(store Storage, hdr *luks2.Header, tok Token, vk []byte, o Options) (*D
 		tweakStep: uint64(ss / 512),
 		hdr:       hdr, token: tok, cipher: c, state: StateActive, since: time.Now(),
 	}
+	d.lender, _ = store.(Lender)
 	d.size.Store(store.Size() - d.dataOff)
 	d.bufs.New = func() any { b := make([]byte, zeroChunk); return &b }
 	d.sectorBufs.New = func() any { b := make([]byte, ss); return &b }

@@ -3,7 +3,9 @@ package cryptodisk
 import (
 	"context"
 	"fmt"
+	"runtime/debug"
 	"syscall"
+	"unsafe"
 )
 
 // ReadAt decrypts len(p) bytes from off into p. Sectors whose ciphertext is
@@ -58,28 +60,89 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return nil
 }
 
-// readSectors reads whole sectors starting at sector and decrypts them in
-// place, leaving all-zero ciphertext sectors as zeros.
+// readSectors reads whole sectors starting at sector and decrypts them into
+// buf, leaving all-zero ciphertext sectors as zeros. Where the store lends
+// the ciphertext in place, the cipher reads it there and no copy is made.
 func (d *Disk) readSectors(ctx context.Context, c SectorCipher, buf []byte, sector int64) error {
-	if err := d.store.ReadAt(ctx, buf, d.dataOff+sector*d.sectorSize); err != nil {
+	off := d.dataOff + sector*d.sectorSize
+	if d.lender != nil {
+		if src := d.lender.Lend(off, len(buf), false); src != nil {
+			err := d.decryptLent(c, buf, src, sector)
+			d.lender.Unlend()
+			if err != nil {
+				return fmt.Errorf("cryptodisk: read sector %d: %w", sector, err)
+			}
+			return nil
+		}
+	}
+	if err := d.store.ReadAt(ctx, buf, off); err != nil {
 		return fmt.Errorf("cryptodisk: read sector %d: %w", sector, err)
 	}
+	d.decryptRuns(c, buf, buf, sector)
+	return nil
+}
+
+// decryptRuns decrypts whole sectors of src into dst (the same slice, or
+// one that does not overlap it). Runs of written sectors go to the cipher
+// in one call each, so it sees long inputs it can pipeline; all-zero
+// ciphertext sectors become zeros.
+func (d *Disk) decryptRuns(c SectorCipher, dst, src []byte, sector int64) {
 	ss := int(d.sectorSize)
-	// Decrypt runs of written sectors in one call each, so the cipher sees
-	// long inputs it can pipeline.
+	inPlace := &dst[0] == &src[0]
 	runStart := -1
-	for i := 0; i <= len(buf); i += ss {
-		written := i < len(buf) && !allZero(buf[i:i+ss])
+	for i := 0; i <= len(src); i += ss {
+		written := i < len(src) && !allZero(src[i:i+ss])
+		if !written && i < len(src) && !inPlace {
+			clear(dst[i : i+ss])
+		}
 		if written && runStart < 0 {
 			runStart = i
 		}
 		if !written && runStart >= 0 {
 			first := uint64(sector+int64(runStart/ss)) * d.tweakStep
-			c.DecryptSectors(buf[runStart:i], buf[runStart:i], ss, first, d.tweakStep)
+			c.DecryptSectors(dst[runStart:i], src[runStart:i], ss, first, d.tweakStep)
 			runStart = -1
 		}
 	}
+}
+
+// decryptLent is decryptRuns from memory the store lent. That memory is a
+// file mapping, which faults if the file shrinks under it; the fault is
+// this request's I/O error, not the daemon's crash.
+func (d *Disk) decryptLent(c SectorCipher, dst, lent []byte, sector int64) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = lentFault(r, lent)
+		}
+	}()
+	d.decryptRuns(c, dst, lent, sector)
 	return nil
+}
+
+// encryptLent encrypts whole sectors of src into memory the store lent;
+// see decryptLent.
+func (d *Disk) encryptLent(c SectorCipher, lent, src []byte, sector int64) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = lentFault(r, lent)
+		}
+	}()
+	c.EncryptSectors(lent, src, int(d.sectorSize), uint64(sector)*d.tweakStep, d.tweakStep)
+	return nil
+}
+
+// lentFault turns a recovered memory fault inside lent into EIO, and
+// re-raises anything else: a fault elsewhere is a bug, not a store error.
+func lentFault(r any, lent []byte) error {
+	if f, ok := r.(interface{ Addr() uintptr }); ok {
+		lo := uintptr(unsafe.Pointer(unsafe.SliceData(lent)))
+		if a := f.Addr(); a >= lo && a < lo+uintptr(len(lent)) {
+			return fmt.Errorf("memory fault in the store's mapping at byte %d of %d: %w", a-lo, len(lent), syscall.EIO)
+		}
+	}
+	panic(r)
 }
 
 // WriteAt encrypts p in place and writes it at off.
@@ -99,7 +162,7 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 	defer d.gmu.RUnlock()
 	d.wmu.RLock()
 	defer d.wmu.RUnlock()
-	if err := d.write(ctx, c, p, off, false); err != nil {
+	if err := d.write(ctx, c, p, off); err != nil {
 		return err
 	}
 	// Counted while the gate is still held: Suspend cannot complete between
@@ -108,11 +171,11 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 	return nil
 }
 
-// write stores plaintext p (or zeros, if zeros is set, with p ignored) at
-// off. Whole sectors are encrypted before any lock is taken; partial head
-// and tail sectors are read, patched and rewritten under an exclusive
-// stripe lock, whole ones under a shared one (see lockRange).
-func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, zeros bool) error {
+// write stores plaintext p at off. Partial head and tail sectors are read,
+// patched and rewritten under an exclusive stripe lock, whole ones under a
+// shared one (see lockRange). Whole sectors are encrypted straight into the
+// store's pages where it lends them, or in place in p and then written.
+func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64) error {
 	ss := d.sectorSize
 	end := off + int64(len(p))
 	first, last := off/ss, (end-1)/ss
@@ -120,11 +183,6 @@ func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, z
 	tailPartial := end%ss != 0
 	bodyStart := (off + ss - 1) / ss * ss
 	bodyEnd := end / ss * ss
-	var body []byte
-	if bodyEnd > bodyStart {
-		body = p[bodyStart-off : bodyEnd-off]
-		c.EncryptSectors(body, body, int(ss), uint64(bodyStart/ss)*d.tweakStep, d.tweakStep)
-	}
 	locks := d.lockRange(first, last, headPartial, tailPartial)
 	defer locks.unlock()
 	if headPartial {
@@ -139,10 +197,23 @@ func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, z
 			return err
 		}
 	}
-	if body != nil {
-		if err := d.store.WriteAt(ctx, body, d.dataOff+bodyStart); err != nil {
-			return fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
+	if bodyEnd <= bodyStart {
+		return nil
+	}
+	body := p[bodyStart-off : bodyEnd-off]
+	if d.lender != nil {
+		if dst := d.lender.Lend(d.dataOff+bodyStart, len(body), true); dst != nil {
+			err := d.encryptLent(c, dst, body, bodyStart/ss)
+			d.lender.Unlend()
+			if err != nil {
+				return fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
+			}
+			return nil
 		}
+	}
+	c.EncryptSectors(body, body, int(ss), uint64(bodyStart/ss)*d.tweakStep, d.tweakStep)
+	if err := d.store.WriteAt(ctx, body, d.dataOff+bodyStart); err != nil {
+		return fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
 	}
 	return nil
 }

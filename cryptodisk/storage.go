@@ -32,6 +32,23 @@ type Storage interface {
 	Close() error
 }
 
+// Lender is a Storage that can lend image bytes it holds in memory, so that
+// the cipher reads its input from, or writes its output to, the store's own
+// pages and the copy ReadAt or WriteAt would make is saved. Disk uses it
+// where the store implements it (filestore.File does, once mapped).
+type Lender interface {
+	// Lend returns the image bytes [off, off+n) in place, for reading, or
+	// with write for writing every byte of them, or nil where the store
+	// declines (the caller then uses ReadAt or WriteAt). A non-nil result
+	// must be ended with Unlend, before which the caller takes no lock, and
+	// holds nothing of it after. Written bytes are durable after Sync. The
+	// memory may fault if the image shrinks under it, so Disk accesses it
+	// with faults turned into errors.
+	Lend(off int64, n int, write bool) []byte
+	// Unlend ends a loan: one call for each non-nil Lend.
+	Unlend()
+}
+
 // KeyWrapper wraps a disk's keyslot secret under a key provider's current key.
 // aad binds the result to one disk: unwrapping with other aad must fail where
 // the provider's algorithm allows it.
