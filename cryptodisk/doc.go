@@ -6,7 +6,8 @@
 //
 //	gate    holds requests while the disk is suspended; drains on Suspend
 //	crypto  splits unaligned I/O into head, body and tail; read-modify-write
-//	        of partial sectors under a striped lock; XTS in place
+//	        of partial sectors under a striped lock; XTS in place, or
+//	        between the request buffer and pages the Storage lends (Lender)
 //	Storage the image: header and ciphertext (file, memory, page blob)
 //
 // # Zeros and holes

@@ -104,6 +104,7 @@ func TestCLIErrors(t *testing.T) {
 		{"resize with bad --size", []string{"disk", "resize", "aa", "--size", "lots"}, 2, "lots"},
 		{"serve with an argument", []string{"serve", "extra"}, 2, "no arguments"},
 		{"serve with a tiny send buffer", []string{"serve", "--loopback-send-buffer", "4K"}, 2, "--loopback-send-buffer"},
+		{"serve with a bad --mmap", []string{"serve", "--mmap=sometimes"}, 2, "mmap"},
 		{"create of an existing name", []string{"disk", "create", "aa", "--size", "64M"}, 1, "exists"},
 		{"show of a missing disk", []string{"disk", "show", "nope"}, 1, "not found"},
 		{"delete of a missing disk", []string{"disk", "delete", "nope"}, 1, "not found"},

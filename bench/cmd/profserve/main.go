@@ -70,6 +70,10 @@ func run(ctx context.Context, l net.Listener, dataDir, name string, sig <-chan o
 	if err != nil {
 		return fmt.Errorf("profserve: %w", err)
 	}
+	if err := store.Map(); err != nil { // as the daemon does by default
+		store.Close()
+		return fmt.Errorf("profserve: %w", err)
+	}
 	d, err := cryptodisk.Open(ctx, store, platform, cryptodisk.Options{Logger: log})
 	if err != nil {
 		store.Close()

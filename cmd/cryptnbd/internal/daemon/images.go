@@ -119,10 +119,34 @@ type NewImage struct {
 // DATA_DIR/snapshots, records as DATA_DIR/KIND/NAME.json.
 type fileImages struct {
 	dataDir string
+	// noMap keeps every image access on pread and pwrite instead of
+	// letting the cipher work on the page cache through a mapping.
+	noMap bool
 }
 
-// NewFileImages is the data-directory store.
+// NewFileImages is the data-directory store, with images mapped (see
+// filestore.File.Map).
 func NewFileImages(dataDir string) Images { return &fileImages{dataDir: dataDir} }
+
+// open opens an image and maps it unless told not to.
+func (f *fileImages) open(path string, readOnly bool) (cryptodisk.Storage, error) {
+	store, err := filestore.Open(path, readOnly)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.mapFile(store); err != nil {
+		store.Close()
+		return nil, err
+	}
+	return store, nil
+}
+
+func (f *fileImages) mapFile(store *filestore.File) error {
+	if f.noMap {
+		return nil
+	}
+	return store.Map()
+}
 
 func (f *fileImages) Kind() string { return "file" }
 func (f *fileImages) Shared() bool { return false }
@@ -203,11 +227,16 @@ func (f *fileImages) Create(ctx context.Context, name string, _ ImageMeta, _ fun
 	if err != nil {
 		return nil, err
 	}
+	if err := f.mapFile(store); err != nil {
+		store.Close()
+		os.Remove(tmp)
+		return nil, err
+	}
 	return &NewImage{Store: store, Commit: publishNew(tmp, path), Abort: func() { os.Remove(tmp) }}, nil
 }
 
 func (f *fileImages) Open(ctx context.Context, name string, o OpenOptions) (cryptodisk.Storage, error) {
-	return filestore.Open(f.path(name), o.ReadOnly)
+	return f.open(f.path(name), o.ReadOnly)
 }
 
 func (f *fileImages) Remove(ctx context.Context, name string) error {
@@ -236,7 +265,7 @@ func (f *fileImages) Snapshots(ctx context.Context) ([]string, error) {
 }
 
 func (f *fileImages) OpenSnapshot(ctx context.Context, full string) (cryptodisk.Storage, error) {
-	return filestore.Open(f.snapPath(full), true)
+	return f.open(f.snapPath(full), true)
 }
 
 func (f *fileImages) SnapshotStat(full string) (time.Time, int64) {
@@ -266,7 +295,7 @@ func (f *fileImages) CloneSnapshot(ctx context.Context, full, name string, _ Ima
 	if _, err := cloneFile(ctx, f.snapPath(full), tmp); err != nil {
 		return nil, err
 	}
-	store, err := filestore.Open(tmp, false)
+	store, err := f.open(tmp, false)
 	if err != nil {
 		os.Remove(tmp)
 		return nil, err

@@ -39,6 +39,9 @@ type StoreConfig struct {
 	LeaseDuration time.Duration `json:"leaseDuration,omitempty"`
 	// Takeover attaches disks whose holder's lease expired.
 	Takeover bool `json:"-"`
+	// NoMap, with the file store, reads and writes images only with pread
+	// and pwrite, never through a mapping of the page cache.
+	NoMap bool `json:"-"`
 }
 
 // ConnectionStringEnv is read for the connection string when a CLI command
@@ -140,7 +143,7 @@ func daemonID(dataDir string) (string, error) {
 // openImages builds the Images a StoreConfig names.
 func openImages(ctx context.Context, dataDir string, c *StoreConfig, vault *VaultConfig, log *slog.Logger) (Images, string, error) {
 	if c.Kind == "" || c.Kind == StoreFile {
-		return NewFileImages(dataDir), "", nil
+		return &fileImages{dataDir: dataDir, noMap: c.NoMap}, "", nil
 	}
 	id, err := daemonID(dataDir)
 	if err != nil {
