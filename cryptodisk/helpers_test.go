@@ -107,7 +107,7 @@ func (e *env) reopenDisk(t *testing.T, u cryptodisk.KeyUnwrapper) {
 	e.d = d
 }
 
-// write writes a copy of data (WriteAt encrypts its buffer in place).
+// write writes a copy of data (WriteAt may overwrite its buffer).
 func write(t *testing.T, d *cryptodisk.Disk, data []byte, off int64) {
 	t.Helper()
 	if err := d.WriteAt(context.Background(), bytes.Clone(data), off); err != nil {

@@ -145,7 +145,9 @@ func lentFault(r any, lent []byte) error {
 	panic(r)
 }
 
-// WriteAt encrypts p in place and writes it at off.
+// WriteAt encrypts p and writes it at off. p may be left holding its
+// ciphertext (or unchanged, where the store lent its pages), so the caller
+// must not use its contents afterwards.
 func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 	if err := d.checkRange(off, int64(len(p)), syscall.ENOSPC); err != nil {
 		return err
