@@ -110,7 +110,7 @@ func BenchmarkDiskLent(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	if err := f.Map(); err != nil {
+	if err := f.Map(nil); err != nil {
 		b.Fatal(err)
 	}
 	// Filled with pwrite (the pages are holes until then), then cached.

@@ -58,7 +58,7 @@ func newLending(t *testing.T, path string) *lending {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := f.Map(); err != nil {
+	if err := f.Map(nil); err != nil {
 		t.Fatal(err)
 	}
 	return &lending{File: f}

@@ -1,10 +1,9 @@
 package filestore
 
 import (
-	"errors"
 	"fmt"
 	"sync"
-	"syscall"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -43,11 +42,51 @@ const (
 	ramfsMagic = 0x858458f6
 )
 
+// AddressBudget bounds the address space that the files sharing it map.
+// Images are sparse and may be far larger than memory; mapped whole, a few
+// of them could take the address space the Go heap needs to grow, and the
+// runtime dies when it cannot reserve more. A file whose mapping does not
+// fit in the budget is served through pread and pwrite instead.
+type AddressBudget struct {
+	limit int64
+	used  atomic.Int64
+}
+
+// DefaultAddressBudget is a quarter of the 128 TiB a process has on amd64
+// and arm64 with 4-level page tables.
+const DefaultAddressBudget = 32 << 40
+
+// NewAddressBudget returns a budget of limit bytes.
+func NewAddressBudget(limit int64) *AddressBudget { return &AddressBudget{limit: limit} }
+
+// take and give accept a nil budget, which sets no bound.
+func (b *AddressBudget) take(n int64) bool {
+	if b == nil {
+		return true
+	}
+	for {
+		used := b.used.Load()
+		if used+n > b.limit || used+n < used {
+			return false
+		}
+		if b.used.CompareAndSwap(used, used+n) {
+			return true
+		}
+	}
+}
+
+func (b *AddressBudget) give(n int64) {
+	if b != nil {
+		b.used.Add(-n)
+	}
+}
+
 type mapping struct {
 	// mu's read side is held from Lend to Unlend; Grow and Close take the
 	// write side to move or remove the mapping under no borrower.
-	mu sync.RWMutex
-	b  []byte
+	mu     sync.RWMutex
+	b      []byte
+	budget *AddressBudget
 	// writable is set on filesystems that never write pages back (tmpfs,
 	// ramfs). Elsewhere writeback write-protects each cleaned page, so
 	// every later store through the mapping would fault once per page,
@@ -56,10 +95,13 @@ type mapping struct {
 	on       bool
 }
 
-// Map makes the file lend cached pages (see Lend). Without it, or where the
-// filesystem cannot map files, Lend always declines and every byte goes
-// through pread and pwrite.
-func (s *File) Map() error {
+// Map makes the file lend cached pages (see Lend), taking the mapping's
+// size from budget (nil: no bound). Mapping is only a way to save a copy, so where it
+// cannot be had (a filesystem without mmap, an exhausted budget or address
+// space) the file stays unmapped, Lend declines, and every byte goes
+// through pread and pwrite; Mapped tells. The error is for a file whose
+// filesystem cannot be asked what it is.
+func (s *File) Map(budget *AddressBudget) error {
 	s.m.mu.Lock()
 	defer s.m.mu.Unlock()
 	if s.m.on {
@@ -70,13 +112,8 @@ func (s *File) Map() error {
 		return fmt.Errorf("filestore: map %s: %w", s.f.Name(), err)
 	}
 	s.m.writable = !s.readOnly && (st.Type == tmpfsMagic || st.Type == ramfsMagic)
-	if err := s.m.mapLocked(s.fd, s.size.Load()); err != nil {
-		if errors.Is(err, syscall.ENODEV) || errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
-			return nil // a filesystem without mmap: serve through pread
-		}
-		return fmt.Errorf("filestore: map %s: %w", s.f.Name(), err)
-	}
-	s.m.on = true
+	s.m.budget = budget
+	s.m.on = s.m.mapLocked(s.fd, s.size.Load())
 	return nil
 }
 
@@ -87,12 +124,14 @@ func (s *File) Mapped() (read, write bool) {
 	return s.m.on, s.m.on && s.m.writable
 }
 
-func (m *mapping) mapLocked(fd int, size int64) error {
+// mapLocked maps size bytes and reports whether the file is mapped (an
+// empty file is, with nothing to map yet).
+func (m *mapping) mapLocked(fd int, size int64) bool {
 	if size == 0 {
-		return nil
+		return true
 	}
-	if int64(int(size)) != size {
-		return syscall.EFBIG
+	if int64(int(size)) != size || !m.budget.take(size) {
+		return false
 	}
 	prot := unix.PROT_READ
 	if m.writable {
@@ -100,10 +139,11 @@ func (m *mapping) mapLocked(fd int, size int64) error {
 	}
 	b, err := unix.Mmap(fd, 0, int(size), prot, unix.MAP_SHARED)
 	if err != nil {
-		return err
+		m.budget.give(size)
+		return false
 	}
 	m.b = b
-	return nil
+	return true
 }
 
 // resize follows the file to size. mremap moves the page tables along, so
@@ -117,29 +157,34 @@ func (m *mapping) resize(fd int, size int64) {
 		return
 	}
 	if m.b == nil {
-		if m.mapLocked(fd, size) != nil {
-			m.on = false
-		}
+		m.on = m.mapLocked(fd, size)
 		return
 	}
-	if int64(int(size)) == size {
+	old := int64(len(m.b))
+	if int64(int(size)) == size && m.budget.take(size-old) {
 		if b, err := unix.Mremap(m.b, int(size), unix.MREMAP_MAYMOVE); err == nil {
 			m.b = b
 			return
 		}
+		m.budget.give(size - old)
 	}
-	unix.Munmap(m.b)
-	m.b, m.on = nil, false
+	m.unmapLocked()
 }
 
 func (m *mapping) unmap() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	return m.unmapLocked()
+}
+
+func (m *mapping) unmapLocked() error {
+	m.on = false
 	if m.b == nil {
 		return nil
 	}
 	err := unix.Munmap(m.b)
-	m.b, m.on = nil, false
+	m.budget.give(int64(len(m.b)))
+	m.b = nil
 	return err
 }
 

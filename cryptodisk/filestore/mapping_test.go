@@ -29,7 +29,7 @@ func createMapped(t *testing.T, path string, size int64) *filestore.File {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := f.Map(); err != nil {
+	if err := f.Map(nil); err != nil {
 		f.Close()
 		t.Fatal(err)
 	}
@@ -50,7 +50,7 @@ func TestSuiteMapped(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					if err := f.Map(); err != nil {
+					if err := f.Map(nil); err != nil {
 						t.Fatal(err)
 					}
 					return f
@@ -183,7 +183,7 @@ func TestLendReadOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ro.Close()
-	if err := ro.Map(); err != nil {
+	if err := ro.Map(nil); err != nil {
 		t.Fatal(err)
 	}
 	if read, write := ro.Mapped(); !read || write {
@@ -210,7 +210,7 @@ func TestUnmappedNeverLends(t *testing.T) {
 	if _, ok := borrow(f, 0, 1<<20, false); ok {
 		t.Errorf("an unmapped file lent its pages")
 	}
-	if err := f.Map(); err != nil {
+	if err := f.Map(nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.Close(); err != nil {
@@ -218,5 +218,80 @@ func TestUnmappedNeverLends(t *testing.T) {
 	}
 	if read, _ := f.Mapped(); read {
 		t.Errorf("a closed file is still mapped")
+	}
+}
+
+// TestAddressBudget: files map only what their shared budget has left, a
+// grow past it drops the mapping, and closing gives the space back. A file
+// left unmapped serves all the same.
+func TestAddressBudget(t *testing.T) {
+	ctx := context.Background()
+	const mib = 1 << 20
+	dir := cryptodisktest.TmpfsDir(t)
+	budget := filestore.NewAddressBudget(3 * mib)
+	open := func(name string, size int64) *filestore.File {
+		t.Helper()
+		f, err := filestore.Create(filepath.Join(dir, name), size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		if err := f.Map(budget); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.WriteAt(ctx, bytes.Repeat([]byte{7}, int(size)), 0); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	mapped := func(f *filestore.File) bool { r, _ := f.Mapped(); return r }
+	a := open("a", 2*mib)
+	b := open("b", 2*mib)
+	if !mapped(a) || mapped(b) {
+		t.Fatalf("with 3 MiB for two 2 MiB files: mapped %v, %v; want true, false", mapped(a), mapped(b))
+	}
+	if _, ok := borrow(b, 0, mib, false); ok {
+		t.Errorf("a file over the budget lent its pages")
+	}
+	got := make([]byte, mib)
+	if err := b.ReadAt(ctx, got, mib); err != nil || got[0] != 7 {
+		t.Errorf("ReadAt of the unmapped file = %v, byte %d", err, got[0])
+	}
+	if err := a.Grow(ctx, 4*mib); err != nil {
+		t.Fatal(err)
+	}
+	if mapped(a) {
+		t.Errorf("a file grown past the budget is still mapped")
+	}
+	if err := a.ReadAt(ctx, got, 0); err != nil || got[0] != 7 {
+		t.Errorf("ReadAt after the mapping was dropped = %v, byte %d", err, got[0])
+	}
+	if c := open("c", 3*mib); !mapped(c) {
+		t.Errorf("the budget was not given back when a's mapping was dropped")
+	}
+}
+
+// TestMapBeyondAddressSpace: a sparse file larger than the process's
+// address space cannot be mapped. It must still open and serve, unmapped,
+// rather than fail: the mapping only saves a copy.
+func TestMapBeyondAddressSpace(t *testing.T) {
+	ctx := context.Background()
+	f, err := filestore.Create(filepath.Join(cryptodisktest.TmpfsDir(t), "huge.img"), 1<<50)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Map(nil); err != nil {
+		t.Fatalf("Map of a 1 PiB sparse file: %v; want it left unmapped", err)
+	}
+	if read, _ := f.Mapped(); read {
+		t.Fatalf("a 1 PiB file was mapped")
+	}
+	if err := f.WriteAt(ctx, []byte("end"), 1<<50-3); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 3)
+	if err := f.ReadAt(ctx, got, 1<<50-3); err != nil || string(got) != "end" {
+		t.Errorf("ReadAt = %q, %v", got, err)
 	}
 }

@@ -70,7 +70,7 @@ func run(ctx context.Context, l net.Listener, dataDir, name string, sig <-chan o
 	if err != nil {
 		return fmt.Errorf("profserve: %w", err)
 	}
-	if err := store.Map(); err != nil { // as the daemon does by default
+	if err := store.Map(filestore.NewAddressBudget(filestore.DefaultAddressBudget)); err != nil { // as the daemon does by default
 		store.Close()
 		return fmt.Errorf("profserve: %w", err)
 	}

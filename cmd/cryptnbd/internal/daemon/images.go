@@ -122,11 +122,17 @@ type fileImages struct {
 	// noMap keeps every image access on pread and pwrite instead of
 	// letting the cipher work on the page cache through a mapping.
 	noMap bool
+	// addr bounds the address space all mapped images take together.
+	addr *filestore.AddressBudget
 }
 
 // NewFileImages is the data-directory store, with images mapped (see
 // filestore.File.Map).
-func NewFileImages(dataDir string) Images { return &fileImages{dataDir: dataDir} }
+func NewFileImages(dataDir string) Images { return newFileImages(dataDir, false) }
+
+func newFileImages(dataDir string, noMap bool) *fileImages {
+	return &fileImages{dataDir: dataDir, noMap: noMap, addr: filestore.NewAddressBudget(filestore.DefaultAddressBudget)}
+}
 
 // open opens an image and maps it unless told not to.
 func (f *fileImages) open(path string, readOnly bool) (cryptodisk.Storage, error) {
@@ -145,7 +151,7 @@ func (f *fileImages) mapFile(store *filestore.File) error {
 	if f.noMap {
 		return nil
 	}
-	return store.Map()
+	return store.Map(f.addr)
 }
 
 func (f *fileImages) Kind() string { return "file" }

@@ -143,7 +143,7 @@ func daemonID(dataDir string) (string, error) {
 // openImages builds the Images a StoreConfig names.
 func openImages(ctx context.Context, dataDir string, c *StoreConfig, vault *VaultConfig, log *slog.Logger) (Images, string, error) {
 	if c.Kind == "" || c.Kind == StoreFile {
-		return &fileImages{dataDir: dataDir, noMap: c.NoMap}, "", nil
+		return newFileImages(dataDir, c.NoMap), "", nil
 	}
 	id, err := daemonID(dataDir)
 	if err != nil {
