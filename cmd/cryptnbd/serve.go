@@ -39,7 +39,7 @@ func cmdServe(ctx context.Context, args []string) error {
 	maxPerAddr := fs.Int("max-conns-per-addr", 64, "most NBD connections open at once from one source address (0: no limit)")
 	inflight := fs.String("max-inflight-bytes", "16M", "per connection: request payload bytes held at once; past it the server stops reading from that client (one request is always admitted, so 32 MiB requests still pass)")
 	loSndbuf := fs.String("loopback-send-buffer", "256K", "socket send buffer of NBD connections from this host (0: the kernel's autotuning); a small one makes large local reads cheaper")
-	mmap := fs.Bool("mmap", true, "with --store file: let the cipher read and write image pages already in the page cache through a shared mapping (writes only on tmpfs), saving a copy per request of 64K or more; those pages then count in the daemon's RSS")
+	mmap := fs.Bool("mmap", true, "with --store file: let the cipher read and write image pages already in the page cache through a shared mapping (writes only on tmpfs), saving a copy per request of 64K or more; those pages then count in the daemon's RSS (images beyond 32 TiB of address space in all are served unmapped)")
 	idle := fs.Duration("idle-timeout", 0, "close an NBD connection idle this long with nothing in flight (0: never)")
 	apiListen := fs.String("api-listen", "", "also serve the management API over HTTPS on this address, requiring a client certificate verified against --tls-ca (with --tls-cert and --tls-key)")
 	adminGroup := fs.String("admin-group", "", "group whose members may use the management API (api.sock) besides the daemon's user and root")
