@@ -32,7 +32,8 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 	locks := d.lockRange(off/ss, (end-1)/ss, false, false)
 	defer locks.unlock()
 	// Head and tail sectors only partly wanted go through a bounce buffer;
-	// the aligned body is read and decrypted in place in p.
+	// the aligned body is decrypted into p, from p itself after a read or
+	// straight from pages the store lends.
 	for off < end {
 		sector := off / ss
 		inner := off % ss
