@@ -99,7 +99,7 @@ func (s *Server) newConn(ctx context.Context, nc net.Conn) *conn {
 	}
 	ctx, c.cancel = context.WithCancel(ctx)
 	c.ctx = context.WithValue(ctx, peerKey{}, peerOf(nc, nil))
-	c.bytes.init(s.opts.MaxInflightBytes)
+	c.bytes.init(&s.held, s.opts.MaxInflightBytes)
 	context.AfterFunc(ctx, func() {
 		c.nc.Close()
 		c.bytes.close()
@@ -713,45 +713,82 @@ func (c *conn) sendReadChunk(r *request) error {
 	return err
 }
 
-// byteSem is a counting semaphore of bytes. acquire admits a request
-// larger than the limit when nothing else is held, so any request up to
-// MaxPayload can proceed.
+// byteBudget bounds the payload bytes held by all the connections of one
+// Server, and byteSem is one connection's share of it, with its own bound.
+// A connection that holds nothing is always admitted one request, of any
+// size up to MaxPayload, past both bounds: so a client that stops reading
+// its replies stalls only itself, and any request can proceed.
+type byteBudget struct {
+	mu      sync.Mutex
+	cond    sync.Cond
+	used    int64
+	max     int64 // 0: no bound across connections
+	waiting int   // readers waiting in acquire
+}
+
+func (b *byteBudget) init(max int64) {
+	b.max = max
+	b.cond.L = &b.mu
+}
+
+// wake lets waiting readers recheck; call it without b.mu held, after
+// bytes were released or a connection closed.
+func (b *byteBudget) wake(waiting bool) {
+	if waiting {
+		b.cond.Broadcast()
+	}
+}
+
+// byteSem is one connection's counting semaphore of bytes.
 type byteSem struct {
-	mu     sync.Mutex
-	cond   sync.Cond
+	b      *byteBudget
 	used   int64
 	max    int64
 	closed bool
 }
 
-func (b *byteSem) init(max int64) {
-	b.max = max
-	b.cond.L = &b.mu
+func (s *byteSem) init(b *byteBudget, max int64) {
+	s.b, s.max = b, max
 }
 
-func (b *byteSem) acquire(n int64) bool {
+func (s *byteSem) full(n int64) bool {
+	return s.used+n > s.max || (s.b.max > 0 && s.b.used+n > s.b.max)
+}
+
+// acquire waits until n more bytes fit both bounds, or this connection
+// holds nothing; it returns false once the connection is closed.
+func (s *byteSem) acquire(n int64) bool {
+	b := s.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for !b.closed && b.used > 0 && b.used+n > b.max {
+	for !s.closed && s.used > 0 && s.full(n) {
+		b.waiting++
 		b.cond.Wait()
+		b.waiting--
 	}
-	if b.closed {
+	if s.closed {
 		return false
 	}
+	s.used += n
 	b.used += n
 	return true
 }
 
-func (b *byteSem) release(n int64) {
+func (s *byteSem) release(n int64) {
+	b := s.b
 	b.mu.Lock()
+	s.used -= n
 	b.used -= n
+	waiting := b.waiting > 0
 	b.mu.Unlock()
-	b.cond.Signal()
+	b.wake(waiting)
 }
 
-func (b *byteSem) close() {
+func (s *byteSem) close() {
+	b := s.b
 	b.mu.Lock()
-	b.closed = true
+	s.closed = true
+	waiting := b.waiting > 0
 	b.mu.Unlock()
-	b.cond.Broadcast()
+	b.wake(waiting)
 }

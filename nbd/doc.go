@@ -79,8 +79,10 @@
 // reads a WRITE payload into a pooled buffer (power-of-two classes from
 // 4 KiB to MaxPayload, sync.Pool of *[]byte), and queues it; at most
 // Options.MaxInflightRequests requests and Options.MaxInflightBytes
-// payload bytes are in flight per connection, and the reader stops
-// reading while either is full. Workers call the Backend with the
+// payload bytes are in flight per connection, and at most
+// Options.MaxInflightBytesTotal payload bytes across all connections; the
+// reader stops reading while any is full (a connection holding nothing is
+// always admitted one request). Workers call the Backend with the
 // connection's context, which is cancelled when the connection is closed
 // or the server force-closed. A READ's data is complete before its reply
 // is queued, so no success header is ever followed by a failure. A WRITE

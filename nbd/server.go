@@ -84,6 +84,13 @@ type Options struct {
 	// single request is always admitted when nothing is in flight.
 	// Default 256 MiB.
 	MaxInflightBytes int64
+	// MaxInflightBytesTotal bounds the READ and WRITE payload bytes held
+	// by all connections together, which is most of the server's memory
+	// under load: a connection's reader stops reading while it is full.
+	// A connection holding nothing is still admitted one request, so one
+	// client that stops reading its replies cannot stall the others.
+	// Default 0: connections are bounded only by MaxInflightBytes each.
+	MaxInflightBytesTotal int64
 	// Workers is the number of goroutines per connection calling the
 	// Backend. Default 16.
 	Workers int
@@ -202,6 +209,7 @@ type Server struct {
 	log  *slog.Logger
 	tls  *tls.Config // nil when TLSMode is TLSOff
 	bufs bufPools    // request payloads, shared by the connections
+	held byteBudget  // payload bytes held by all connections
 
 	nextID     atomic.Uint64
 	accepted   atomic.Uint64
@@ -235,6 +243,7 @@ func NewServer(c Catalog, o Options) *Server {
 		refused:   make(map[string]uint64),
 	}
 	s.bufs.init()
+	s.held.init(o.MaxInflightBytesTotal)
 	switch o.TLSMode {
 	case TLSOff:
 	case TLSOn, TLSRequire:

@@ -418,6 +418,60 @@ func TestInflightBytesCap(t *testing.T) {
 	}
 }
 
+// TestInflightBytesTotalCap: connections share MaxInflightBytesTotal, but
+// one holding nothing is still admitted a request, so a full budget never
+// stalls a connection that has nothing in flight.
+func TestInflightBytesTotalCap(t *testing.T) {
+	const total = 4 * 4096
+	e, g := gateEnv(t, nbd.Options{Workers: 8, MaxInflightBytesTotal: total})
+	a, b := e.open(t, "g", false), e.open(t, "g", false)
+	// a fills the budget on its own; then b, holding nothing, gets one
+	// request in and no more.
+	for i := range 6 {
+		a.request(0, cmdRead, uint64(i), uint64(i)*4096, 4096, nil)
+	}
+	waitArrivals(t, g, 4)
+	for i := range 3 {
+		b.request(0, cmdRead, uint64(10+i), uint64(10+i)*4096, 4096, nil)
+	}
+	select {
+	case off := <-g.arrived:
+		if off != 10*4096 {
+			t.Fatalf("request at %d reached the backend past a full budget", off)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a connection holding nothing was not admitted")
+	}
+	time.Sleep(50 * time.Millisecond)
+	if extra := len(g.arrived); extra != 0 {
+		t.Fatalf("%d requests beyond the shared byte cap reached the backend", extra)
+	}
+
+	// b's admission counts against the budget: a's first reply leaves it
+	// full, its second makes room for exactly one more request.
+	for i := range 2 {
+		close(g.gate(int64(i) * 4096))
+		if r := a.readReply(4096); r.errno != 0 || r.handle != uint64(i) {
+			t.Fatalf("reply errno %d handle %d, want handle %d", r.errno, r.handle, i)
+		}
+		time.Sleep(50 * time.Millisecond)
+		if got := len(g.arrived); got != i {
+			t.Fatalf("after %d replies, %d more requests reached the backend, want %d", i+1, got, i)
+		}
+	}
+
+	for _, off := range []int64{2, 3, 4, 5, 10, 11, 12} {
+		close(g.gate(off * 4096))
+	}
+	for c, n := range map[*client]int{a: 4, b: 3} {
+		for range n {
+			if r := c.readReply(4096); r.errno != 0 {
+				t.Errorf("errno %d for handle %d", r.errno, r.handle)
+			}
+		}
+	}
+}
+
 func TestDiscDrainsInFlight(t *testing.T) {
 	e, g := gateEnv(t, nbd.Options{})
 	c := e.open(t, "g", false)
