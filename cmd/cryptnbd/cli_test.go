@@ -105,6 +105,8 @@ func TestCLIErrors(t *testing.T) {
 		{"serve with an argument", []string{"serve", "extra"}, 2, "no arguments"},
 		{"serve with a tiny send buffer", []string{"serve", "--loopback-send-buffer", "4K"}, 2, "--loopback-send-buffer"},
 		{"serve with a bad --mmap", []string{"serve", "--mmap=sometimes"}, 2, "mmap"},
+		{"serve with a tiny --max-inflight-total", []string{"serve", "--max-inflight-total", "64K"}, 2, "--max-inflight-total"},
+		{"serve with a garbage --max-inflight-total", []string{"serve", "--max-inflight-total", "lots"}, 2, "lots"},
 		{"create of an existing name", []string{"disk", "create", "aa", "--size", "64M"}, 1, "exists"},
 		{"show of a missing disk", []string{"disk", "show", "nope"}, 1, "not found"},
 		{"delete of a missing disk", []string{"disk", "delete", "nope"}, 1, "not found"},

@@ -229,3 +229,26 @@ func TestKeyVaultOffTheDataPath(t *testing.T) {
 		t.Errorf("%v I/Os made %v Key Vault calls (%v wrap/unwrap); want at most %v periodic checks and no wrap/unwrap", ios, calls, wrapUnwrap, maxCalls)
 	}
 }
+
+// TestGoMemoryLimit: the Go heap's soft limit follows --max-inflight-total
+// (plus 32 MiB), and GOMEMLIMIT, when set, wins.
+func TestGoMemoryLimit(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		extra []string
+		env   []string
+		want  float64
+	}{
+		{"default", nil, nil, 64 << 20},
+		{"from the total", []string{"--max-inflight-total", "96M"}, nil, 128 << 20},
+		{"GOMEMLIMIT wins", []string{"--max-inflight-total", "96M"}, []string{"GOMEMLIMIT=200MiB"}, 200 << 20},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			d := startDaemon(t, daemonOpts{Extra: append([]string{"--metrics-listen", "127.0.0.1:0"}, tt.extra...), Env: tt.env})
+			_, s := httpGet(t, "http://"+d.metricsAddr(t)+"/metrics")
+			if got := sample(s, "go_gc_gomemlimit_bytes"); got != tt.want {
+				t.Errorf("go_gc_gomemlimit_bytes = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}

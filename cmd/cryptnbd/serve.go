@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"time"
 
 	"github.com/cryptnbd/cryptnbd/cmd/cryptnbd/internal/daemon"
@@ -38,6 +39,7 @@ func cmdServe(ctx context.Context, args []string) error {
 	maxConns := fs.Int("max-conns", 1024, "most NBD connections open at once (0: no limit)")
 	maxPerAddr := fs.Int("max-conns-per-addr", 64, "most NBD connections open at once from one source address (0: no limit)")
 	inflight := fs.String("max-inflight-bytes", "16M", "per connection: request payload bytes held at once; past it the server stops reading from that client (one request is always admitted, so 32 MiB requests still pass)")
+	inflightTotal := fs.String("max-inflight-total", "32M", "all connections together: request payload bytes held at once, most of the daemon's memory under load; past it connections wait (one holding nothing is still admitted one request). The Go heap's soft limit is set to this plus 32M unless GOMEMLIMIT is set")
 	loSndbuf := fs.String("loopback-send-buffer", "256K", "socket send buffer of NBD connections from this host (0: the kernel's autotuning); a small one makes large local reads cheaper")
 	mmap := fs.Bool("mmap", true, "with --store file: let the cipher read and write image pages already in the page cache through a shared mapping (writes only on tmpfs), saving a copy per request of 64K or more; those pages then count in the daemon's RSS (images beyond 32 TiB of address space in all are served unmapped)")
 	idle := fs.Duration("idle-timeout", 0, "close an NBD connection idle this long with nothing in flight (0: never)")
@@ -74,6 +76,10 @@ func cmdServe(ctx context.Context, args []string) error {
 	if err != nil || inflightBytes < 1<<20 {
 		return usagef("--max-inflight-bytes %q: give a size of at least 1M", *inflight)
 	}
+	inflightTotalBytes, err := daemon.ParseSize(*inflightTotal)
+	if err != nil || inflightTotalBytes < 1<<20 {
+		return usagef("--max-inflight-total %q: give a size of at least 1M", *inflightTotal)
+	}
 	loBytes := int64(-1) // nbd.Options: negative leaves the buffer to the kernel
 	if *loSndbuf != "0" {
 		loBytes, err = daemon.ParseSize(*loSndbuf)
@@ -83,7 +89,7 @@ func cmdServe(ctx context.Context, args []string) error {
 	}
 	var tlsSrv *tlsfiles.Server
 	nopts := nbd.Options{TLSMode: tlsMode, HandshakeTimeout: *handshake, MaxConns: *maxConns, MaxConnsPerAddr: *maxPerAddr,
-		IdleTimeout: *idle, MaxInflightBytes: inflightBytes, LoopbackSendBuffer: int(loBytes)}
+		IdleTimeout: *idle, MaxInflightBytes: inflightBytes, MaxInflightBytesTotal: inflightTotalBytes, LoopbackSendBuffer: int(loBytes)}
 	switch {
 	case tlsMode == nbd.TLSOff && *tlsVerify:
 		return usagef("--tls-verify-peer needs --tls on or --tls require")
@@ -131,6 +137,15 @@ func cmdServe(ctx context.Context, args []string) error {
 	log, err := newLogger(*level, *format)
 	if err != nil {
 		return err
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// Buffers are pooled per size class, and the pools are only
+		// emptied by a collection, which a request path that does not
+		// allocate never triggers. So after a change of workload the
+		// idle buffers of the old sizes would stay beside the new ones,
+		// and the heap would be left to double. A soft limit just above
+		// the request payloads' bound makes the collector return them.
+		debug.SetMemoryLimit(inflightTotalBytes + 32<<20)
 	}
 	if err := vault.Init(); err != nil {
 		return err
