@@ -9,8 +9,8 @@
 #   RUNTIME=5       seconds per fio workload
 #   TMPFS=/dev/shm  where images live; must be tmpfs (if it is not and we are
 #                   root, a tmpfs is mounted on a temporary directory instead)
-#   SERVERS="cryptnbd cryptnbd-tls cryptnbd-azblob nbdkit nbdkit-luks qemu-nbd qemu-nbd-luks nbd-server"
-#   WORKLOADS="copy-in copy-out seq-write seq-read rand-read rand-write mixed"
+#   SERVERS="cryptnbd cryptnbd-tls cryptnbd-azblob cryptnbd-nomap nbdkit nbdkit-luks qemu-nbd qemu-nbd-luks nbd-server"
+#   WORKLOADS="copy-in copy-out seq-write seq-read rand-read rand-write mixed mem-4k mem-1m"
 #                   copy-in must stay first: it fills the image, so every read
 #                   test reads real data
 #   PORT=10899      first TCP port tried; the next free one is used
@@ -30,9 +30,9 @@ else
 	ROUNDS=${ROUNDS:-3} SIZE=${SIZE:-2G} RUNTIME=${RUNTIME:-5}
 fi
 TMPFS=${TMPFS:-/dev/shm}
-DEFAULT_SERVERS="cryptnbd cryptnbd-tls cryptnbd-azblob nbdkit nbdkit-luks qemu-nbd qemu-nbd-luks nbd-server"
+DEFAULT_SERVERS="cryptnbd cryptnbd-tls cryptnbd-azblob cryptnbd-nomap nbdkit nbdkit-luks qemu-nbd qemu-nbd-luks nbd-server"
 SERVERS=${SERVERS:-$DEFAULT_SERVERS}
-WORKLOADS=${WORKLOADS:-copy-in copy-out seq-write seq-read rand-read rand-write mixed}
+WORKLOADS=${WORKLOADS:-copy-in copy-out seq-write seq-read rand-read rand-write mixed mem-4k mem-1m}
 PORT=${PORT:-10899}
 PROFILE=${PROFILE:-1}
 MAX_LOAD=${MAX_LOAD:-}
@@ -123,6 +123,53 @@ cpu_ticks() {
 
 now() { date +%s.%N; }
 
+# ---------------------------------------------------------------- memory
+
+# mem_kib PID: sets MEM to VmRSS, RssAnon, RssFile and RssShmem in KiB,
+# summed over PID and its descendants (nbd-server forks a process per
+# connection). Bash builtins only: it runs five times a second beside the
+# server under test.
+mem_kib() {
+	local -a todo=("$1") kids
+	local p k v t
+	MEM=(0 0 0 0)
+	while [ ${#todo[@]} -gt 0 ]; do
+		p=${todo[0]}
+		todo=("${todo[@]:1}")
+		while read -r k v _; do
+			case $k in
+			VmRSS:) MEM[0]=$((MEM[0] + v)) ;;
+			RssAnon:) MEM[1]=$((MEM[1] + v)) ;;
+			RssFile:) MEM[2]=$((MEM[2] + v)) ;;
+			RssShmem:) MEM[3]=$((MEM[3] + v)) ;;
+			esac
+		done 2>/dev/null <"/proc/$p/status" || continue # it has exited
+		for t in /proc/"$p"/task/*/children; do
+			kids=()
+			# The list has no final newline, so read reports EOF.
+			read -r -a kids 2>/dev/null <"$t" || true
+			todo+=("${kids[@]}")
+		done
+	done
+	return 0
+}
+
+# sample_mem PID OUT: samples mem_kib every 0.2 s until terminated, then
+# writes the peak of each figure (each its own maximum) to OUT.
+sample_mem() {
+	local -a peak=(0 0 0 0)
+	local i stop=0
+	trap 'stop=1' TERM
+	while [ "$stop" = 0 ]; do
+		mem_kib "$1"
+		for i in 0 1 2 3; do
+			[ "${MEM[i]}" -gt "${peak[i]}" ] && peak[i]=${MEM[i]}
+		done
+		sleep 0.2
+	done
+	echo "${peak[*]}" >"$2"
+}
+
 # ---------------------------------------------------------------- servers
 # Each server has prepare_X (make the image in $W), start_X (run it in the
 # background on $P, setting SPID) and an image of exactly $SIZE_BYTES of
@@ -135,6 +182,16 @@ prepare_cryptnbd() {
 start_cryptnbd() {
 	"$CRYPTNBD" serve --data-dir "$W/cryptnbd" --listen "127.0.0.1:$P" --metrics-listen '' \
 		--log-level warn >"$W/server.log" 2>&1 &
+	SPID=$!
+}
+
+# cryptnbd-nomap: the same disk with --mmap=false, read and written with
+# pread and pwrite instead of through a mapping, so that one run shows both
+# sides of that choice: speed with the mapping, RSS without it.
+prepare_cryptnbd-nomap() { prepare_cryptnbd; }
+start_cryptnbd-nomap() {
+	"$CRYPTNBD" serve --data-dir "$W/cryptnbd" --listen "127.0.0.1:$P" --metrics-listen '' \
+		--mmap=false --log-level warn >"$W/server.log" 2>&1 &
 	SPID=$!
 }
 
@@ -294,15 +351,21 @@ fio_args() {
 	rand-read) echo --rw=randread --bs=4k --iodepth=32 ;;
 	rand-write) echo --rw=randwrite --bs=4k --iodepth=32 ;;
 	mixed) echo --rw=randrw --rwmixread=70 --bs=4k --numjobs=4 --iodepth=16 --group_reporting ;;
+	# The memory workloads: the most requests a client keeps in flight in
+	# this benchmark, 4 connections × QD 128, at both request sizes.
+	mem-1m) echo --rw=randread --bs=1M --numjobs=4 --iodepth=128 --group_reporting ;;
+	mem-4k) echo --rw=randread --bs=4k --numjobs=4 --iodepth=128 --group_reporting ;;
 	*) return 1 ;;
 	esac
 }
 
 # run_workload SERVER WORKLOAD ROUND: one timed run, one line of runs.tsv.
 run_workload() {
-	local server=$1 wl=$2 round=$3 base json="-" rc=0 t0 t1 c0 c1 bytes=0 load
+	local server=$1 wl=$2 round=$3 base json="-" rc=0 t0 t1 c0 c1 bytes=0 load mpid mem
 	base=$RAW/$server.$wl.r$round
 	load=$(cut -d' ' -f1 /proc/loadavg)
+	sample_mem "$SPID" "$base.mem" &
+	mpid=$!
 	c0=$(cpu_ticks "$SPID")
 	t0=$(now)
 	case $wl in
@@ -325,14 +388,19 @@ run_workload() {
 	esac
 	t1=$(now)
 	c1=$(cpu_ticks "$SPID")
+	kill -TERM "$mpid" 2>/dev/null || true
+	wait "$mpid" 2>/dev/null || true
+	mem=$(tr ' ' '\t' <"$base.mem" 2>/dev/null) || mem=""
+	[ -n "$mem" ] || mem=$(printf -- '-\t-\t-\t-')
+	rm -f "$base.mem"
 	[ -s "$base.err" ] || rm -f "$base.err"
 	if [ "$rc" != 0 ]; then
 		log "$server $wl round $round failed (exit $rc), see $base.err"
 	fi
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$server" "$wl" \
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$server" "$wl" \
 		"$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')" \
 		"$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN{printf "%.2f", (b-a)/t}')" \
-		"$bytes" "$json" "$rc" "$load" >>"$RAW/runs.tsv"
+		"$bytes" "$json" "$rc" "$load" "$mem" >>"$RAW/runs.tsv"
 }
 
 # ---------------------------------------------------------------- profile
@@ -409,6 +477,7 @@ describe_machine() {
 cleanup() {
 	stop_server
 	[ -n "${WORK:-}" ] && rm -rf "$WORK"
+	[ -n "${TOOLS:-}" ] && rm -rf "$TOOLS"
 	if [ -n "${MOUNTED:-}" ]; then umount "$MOUNTED" && rmdir "$MOUNTED"; fi
 }
 trap cleanup EXIT
@@ -432,8 +501,10 @@ avail=$(($(stat -f -c '%a * %S' "$TMPFS_DIR")))
 [ "$avail" -ge "$need" ] || die "$TMPFS_DIR has $((avail >> 20)) MiB free, needs $((need >> 20)) MiB (SIZE=$SIZE)"
 
 WORK=$(mktemp -d "$TMPFS_DIR/cryptnbd-bench.XXXXXX")
-TOOLS=$WORK/tools
-mkdir -p "$RAW" "$TOOLS"
+# Binaries stay off tmpfs: a program run from tmpfs counts its own text in
+# RssShmem, which the report keeps for the image mapped into cryptnbd.
+TOOLS=$(mktemp -d "${TMPDIR:-/var/tmp}/cryptnbd-bench-tools.XXXXXX")
+mkdir -p "$RAW"
 log "building cryptnbd, benchreport and profserve"
 if [ -n "$CRYPTNBD_BIN" ]; then
 	cp "$CRYPTNBD_BIN" "$TOOLS/cryptnbd"
@@ -452,7 +523,7 @@ describe_machine
 log "source data: $SIZE of random bytes"
 SRC=$WORK/source.bin
 head -c "$SIZE_BYTES" /dev/urandom >"$SRC"
-printf 'round\tserver\tworkload\twall_s\tcpu_s\tbytes\tfio_json\texit\tload1\n' >"$RAW/runs.tsv"
+printf 'round\tserver\tworkload\twall_s\tcpu_s\tbytes\tfio_json\texit\tload1\trss_kib\tanon_kib\tfile_kib\tshmem_kib\n' >"$RAW/runs.tsv"
 
 start=$(date +%s)
 # Rounds go around all servers, so slow drifts in machine load hit every

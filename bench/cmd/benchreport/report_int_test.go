@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/csv"
+	"fmt"
 	"image/png"
 	"math"
 	"os"
@@ -85,7 +86,22 @@ func TestParseRunLine(t *testing.T) {
 	if r.Round != 2 || r.Server != "nbdkit" || r.Workload != "seq-read" || r.WallS != 6.012 || r.CPUS != 3.5 || r.Load1 != "0.42" || js != "nbdkit.seq-read.r2.json" {
 		t.Errorf("parseRunLine() = %+v, %q", r, js)
 	}
-	for _, bad := range []string{"1\tx\ty", "x\ts\tw\t1\t1\t0\t-\t0\t0", "1\ts\tw\t1\t1\t0\t-\tnope\t0"} {
+	if r.Mem.Known() {
+		t.Errorf("memory known from a line without it: %+v", r.Mem)
+	}
+	r, _, err = parseRunLine("1\tcryptnbd\tmem-1m\t6.0\t3.5\t0\tx.json\t0\t0.1\t2202009\t72704\t15360\t2113945")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (Mem{RSS: 2202009.0 / 1024, Anon: 71, File: 15, Shmem: 2113945.0 / 1024}); r.Mem != want {
+		t.Errorf("memory = %+v, want %+v", r.Mem, want)
+	}
+	r, _, err = parseRunLine("1\tcryptnbd\tmem-1m\t6.0\t3.5\t0\tx.json\t0\t0.1\t-\t-\t-\t-")
+	if err != nil || r.Mem.Known() {
+		t.Errorf("unsampled memory: %+v, %v", r.Mem, err)
+	}
+	for _, bad := range []string{"1\tx\ty", "x\ts\tw\t1\t1\t0\t-\t0\t0", "1\ts\tw\t1\t1\t0\t-\tnope\t0",
+		"1\ts\tw\t1\t1\t0\t-\t0\t0\t1\t2\t3", "1\ts\tw\t1\t1\t0\t-\t0\t0\t1\t2\tx\t4"} {
 		if _, _, err := parseRunLine(bad); err == nil {
 			t.Errorf("parseRunLine(%q) succeeded", bad)
 		}
@@ -134,6 +150,19 @@ func TestSummarize(t *testing.T) {
 	if s.Cell("nbd-server", "copy-in") != nil {
 		t.Errorf("cell for an unmeasured pair")
 	}
+	if c.Mem.Known() {
+		t.Errorf("memory known where none was sampled: %+v", c.Mem)
+	}
+
+	// Memory: the median of the rounds that sampled it, each figure on
+	// its own.
+	m := []Run{run(1, "cryptnbd", "mem-1m", 100, 1), run(2, "cryptnbd", "mem-1m", 100, 1), run(3, "cryptnbd", "mem-1m", 100, 1), run(4, "cryptnbd", "mem-1m", 100, 1)}
+	m[0].Mem = Mem{RSS: 90, Anon: 60, File: 15, Shmem: 15}
+	m[1].Mem = Mem{RSS: 50, Anon: 30, File: 10, Shmem: 10}
+	m[2].Mem = Mem{RSS: 70, Anon: 10, File: 50, Shmem: 10}
+	if c := summarize(m).Cell("cryptnbd", "mem-1m"); c.Mem != (Mem{RSS: 70, Anon: 30, File: 15, Shmem: 10}) {
+		t.Errorf("memory medians = %+v", c.Mem)
+	}
 }
 
 func TestTargets(t *testing.T) {
@@ -151,6 +180,10 @@ func TestTargets(t *testing.T) {
 	add("qemu-nbd-luks", map[string]float64{"seq-read": 1000, "seq-write": 500, "rand-read": 100, "rand-write": 100, "mixed": 100}, all(1))
 	add("nbdkit", map[string]float64{"seq-read": 2000, "seq-write": 2000, "rand-read": 150, "rand-write": 150, "mixed": 90}, all(1))
 	add("qemu-nbd", all(10), all(0.004)) // slow but lean: the CPU yardstick
+	// A memory workload, where cryptnbd is far behind: no throughput or
+	// CPU target may come of it.
+	add("cryptnbd", map[string]float64{"mem-1m": 1}, map[string]float64{"mem-1m": 100})
+	add("nbdkit", map[string]float64{"mem-1m": 1000}, map[string]float64{"mem-1m": 0.001})
 	s := summarize(runs)
 	got := map[string]Target{}
 	for _, tg := range s.targets() {
@@ -185,6 +218,65 @@ func TestTargets(t *testing.T) {
 	if (Target{Want: 1}).Met() || (Target{Want: 1, AtMost: true}).Met() {
 		t.Errorf("a target with no measurement counts as met")
 	}
+	for key := range got {
+		if strings.HasSuffix(key, " mem-1m") && !strings.HasPrefix(key, "RSS") {
+			t.Errorf("memory workload among the throughput targets: %s", key)
+		}
+	}
+}
+
+func TestMemoryTarget(t *testing.T) {
+	with := func(mem Mem) Run {
+		r := run(1, "cryptnbd", "mem-1m", 1000, 1)
+		r.Mem = mem
+		return r
+	}
+	tests := []struct {
+		name     string
+		runs     []Run
+		measured float64
+		met      bool
+		note     string
+	}{
+		{"below", []Run{with(Mem{RSS: 99.9, Anon: 80, File: 19.9})}, 99.9, true, ""},
+		{"at the line is not below it", []Run{with(Mem{RSS: 100, Anon: 85, File: 15})}, 100, false, ""},
+		{"mapped image said apart", []Run{with(Mem{RSS: 2134, Anon: 71, File: 15, Shmem: 2048})}, 2134, false,
+			"2048 MiB of it is the tmpfs image mapped (RssShmem); 86 MiB without it"},
+		{"not sampled", []Run{run(1, "cryptnbd", "mem-1m", 1000, 1)}, 0, false, ""},
+		{"another server's memory does not count", []Run{run(1, "cryptnbd", "mem-1m", 1000, 1), func() Run {
+			r := run(1, "nbdkit", "mem-1m", 1000, 1)
+			r.Mem = Mem{RSS: 20, Anon: 10, File: 10}
+			return r
+		}()}, 0, false, ""},
+	}
+	// The unmapped build gets its own line.
+	nomap := run(1, "cryptnbd-nomap", "mem-1m", 1000, 1)
+	nomap.Mem = Mem{RSS: 80, Anon: 65, File: 15}
+	var lines []string
+	for _, x := range summarize([]Run{with(Mem{RSS: 2134, Anon: 71, File: 15, Shmem: 2048}), nomap}).targets() {
+		if x.Unit == "MiB" {
+			lines = append(lines, fmt.Sprintf("%s %s %.0f %v", x.Goal, x.Workload, x.Measured, x.Met()))
+		}
+	}
+	if got, want := strings.Join(lines, "; "), "RSS < 100 MiB mem-1m 2134 false; RSS < 100 MiB, --mmap=false mem-1m 80 true"; got != want {
+		t.Errorf("memory targets: %s, want %s", got, want)
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var tg *Target
+			for _, x := range summarize(tt.runs).targets() {
+				if x.Goal == "RSS < 100 MiB" && x.Workload == "mem-1m" {
+					tg = &x
+				}
+			}
+			if tg == nil {
+				t.Fatal("no memory target")
+			}
+			if !near(tg.Measured, tt.measured) || tg.Met() != tt.met || tg.Note != tt.note {
+				t.Errorf("measured %v, met %v, note %q; want %v, %v, %q", tg.Measured, tg.Met(), tg.Note, tt.measured, tt.met, tt.note)
+			}
+		})
+	}
 }
 
 // TestReport runs the whole command on a results directory laid out as
@@ -199,16 +291,24 @@ func TestReport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tsv := "round\tserver\tworkload\twall_s\tcpu_s\tbytes\tfio_json\texit\tload1\n"
+	tsv := "round\tserver\tworkload\twall_s\tcpu_s\tbytes\tfio_json\texit\tload1\trss_kib\tanon_kib\tfile_kib\tshmem_kib\n"
 	for _, srv := range []string{"cryptnbd", "nbdkit", "nbdkit-luks"} {
 		name := srv + ".mixed.r1.json"
 		if err := os.WriteFile(filepath.Join(raw, name), mixed, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		tsv += srv + "\tmixed\t2.5\t1.00\t0\t" + name + "\t0\t0.10\n"
-		tsv += srv + "\tcopy-in\t2.0\t0.50\t1073741824\t-\t0\t0.10\n"
+		tsv += srv + "\tmixed\t2.5\t1.00\t0\t" + name + "\t0\t0.10\t-\t-\t-\t-\n"
+		tsv += srv + "\tcopy-in\t2.0\t0.50\t1073741824\t-\t0\t0.10\t-\t-\t-\t-\n"
 	}
-	tsv += "nbdkit\tcopy-out\t1.0\t0.50\t1073741824\t-\t124\t0.10\n" // timed out
+	tsv += "nbdkit\tcopy-out\t1.0\t0.50\t1073741824\t-\t124\t0.10\t-\t-\t-\t-\n" // timed out
+	// The memory workload, with the mapped image in cryptnbd's RSS.
+	for srv, mem := range map[string]string{"cryptnbd": "2202009\t72704\t15360\t2113945", "nbdkit": "20480\t10240\t10240\t0"} {
+		name := srv + ".mem-1m.r1.json"
+		if err := os.WriteFile(filepath.Join(raw, name), mixed, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		tsv += srv + "\tmem-1m\t2.5\t1.00\t0\t" + name + "\t0\t0.10\t" + mem + "\n"
+	}
 	tsv = strings.ReplaceAll("1\t"+strings.ReplaceAll(strings.TrimSuffix(tsv, "\n"), "\n", "\n1\t"), "1\tround", "round") + "\n"
 	if err := os.WriteFile(filepath.Join(raw, "runs.tsv"), []byte(tsv), 0o644); err != nil {
 		t.Fatal(err)
@@ -245,6 +345,9 @@ func TestReport(t *testing.T) {
 		"| nbdkit file | 198 | 50.7k | 11338 | 2.58 | 9.8 | 3.67 | 1 |",
 		"| cryptnbd | 2.58 + 3.67 (1.21) |",
 		"| ≥ 2.0× nbdkit+luks | seq-read | nbdkit+luks | – | not measured |",
+		"| cryptnbd (LUKS2, 4096-byte sectors) | 2150 | 71 | 15 | 2064 |",
+		"| nbdkit file | 20 | 10 | 10 | 0 |",
+		"| RSS < 100 MiB | mem-1m | – | 2150 MiB | **missed** (2064 MiB of it is the tmpfs image mapped (RssShmem); 86 MiB without it) |",
 	} {
 		if !bytes.Contains(md, []byte(want)) {
 			t.Errorf("report.md lacks %q:\n%s", want, md)
@@ -260,8 +363,20 @@ func TestReport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// header + 3 servers × (mixed, copy-in) + nbdkit copy-out
-	if len(rows) != 8 {
-		t.Errorf("results.csv has %d rows, want 8", len(rows))
+	// header + 3 servers × (mixed, copy-in) + nbdkit copy-out + 2 × mem-1m
+	if len(rows) != 10 {
+		t.Errorf("results.csv has %d rows, want 10", len(rows))
+	}
+	found := false
+	for _, row := range rows {
+		if row[0] == "nbdkit" && row[1] == "mem-1m" {
+			found = true
+			if row[len(row)-4] != "20.0" || row[len(row)-1] != "0.0" {
+				t.Errorf("results.csv row %v, want 20.0 MiB RSS, 0.0 shmem", row)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("results.csv has no nbdkit mem-1m row")
 	}
 }

@@ -24,11 +24,23 @@ type Run struct {
 	Exit     int     // client exit status; non-zero runs are left out
 	Load1    string  // 1-minute load average when the run started
 
+	Mem Mem // the server's peak memory during the run; zero if not sampled
+
 	MiBps      float64 // throughput
 	IOPS       float64 // 0 for nbdcopy runs
 	P99us      float64 // 99th percentile latency in µs, 0 for nbdcopy runs
 	ClientCPUS float64 // fio's own CPU seconds (user+system), 0 for nbdcopy runs
 }
+
+// Mem is a server's peak resident memory in MiB, from /proc/PID/status
+// summed over its processes, each figure its own peak. RSS is VmRSS, the
+// sum of the other three: Anon (heap, stacks, buffers), File (mapped
+// files: the binary, and images mapped from a disk filesystem) and Shmem
+// (mapped tmpfs files, such as an image in /dev/shm).
+type Mem struct{ RSS, Anon, File, Shmem float64 }
+
+// Known reports whether memory was sampled.
+func (m Mem) Known() bool { return m.RSS > 0 }
 
 // OK reports whether the run finished and moved data.
 func (r Run) OK() bool { return r.Exit == 0 && r.Bytes > 0 && r.MiBps > 0 }
@@ -87,11 +99,13 @@ func loadRuns(dir string) ([]Run, error) {
 }
 
 // parseRunLine parses round, server, workload, wall_s, cpu_s, bytes,
-// fio_json, exit and load1, tab-separated.
+// fio_json, exit and load1, tab-separated, and then the peak rss_kib,
+// anon_kib, file_kib and shmem_kib, "-" where they were not sampled.
+// Results from before memory was sampled have the first nine only.
 func parseRunLine(s string) (Run, string, error) {
 	f := strings.Split(s, "\t")
-	if len(f) != 9 {
-		return Run{}, "", fmt.Errorf("%d fields, want 9", len(f))
+	if len(f) != 9 && len(f) != 13 {
+		return Run{}, "", fmt.Errorf("%d fields, want 9 or 13", len(f))
 	}
 	var (
 		r    = Run{Server: f[1], Workload: f[2], Load1: f[8]}
@@ -108,6 +122,15 @@ func parseRunLine(s string) (Run, string, error) {
 	errs = append(errs, err)
 	r.Exit, err = strconv.Atoi(f[7])
 	errs = append(errs, err)
+	if len(f) == 13 && f[9] != "-" {
+		var kib [4]int64
+		for i := range kib {
+			kib[i], err = strconv.ParseInt(f[9+i], 10, 64)
+			errs = append(errs, err)
+		}
+		const perMiB = 1024
+		r.Mem = Mem{RSS: float64(kib[0]) / perMiB, Anon: float64(kib[1]) / perMiB, File: float64(kib[2]) / perMiB, Shmem: float64(kib[3]) / perMiB}
+	}
 	for _, err := range errs {
 		if err != nil {
 			return Run{}, "", err

@@ -1,29 +1,50 @@
 package main
 
 import (
+	"fmt"
+	"math"
 	"slices"
 	"sort"
 )
 
-type workloadInfo struct{ Name, Desc string }
+type workloadInfo struct {
+	Name, Desc string
+	IOPS       bool // its headline figure is IOPS, not MiB/s
+	// Memory workloads measure the server's memory under the most
+	// requests in flight; they are not among the throughput and CPU
+	// targets.
+	Memory bool
+}
 
 // Workload names as bench/run.sh writes them, in report order, with what
 // each one does.
 var workloads = []workloadInfo{
-	{"seq-read", "fio sequential read, 1 MiB blocks, QD 8"},
-	{"seq-write", "fio sequential write, 1 MiB blocks, QD 8"},
-	{"rand-read", "fio random read, 4 KiB, QD 32"},
-	{"rand-write", "fio random write, 4 KiB, QD 32"},
-	{"mixed", "fio random 70/30 read/write, 4 KiB, 4 connections × QD 16"},
-	{"copy-out", "nbdcopy export → null:"},
-	{"copy-in", "nbdcopy file → export (also fills the image)"},
+	{Name: "seq-read", Desc: "fio sequential read, 1 MiB blocks, QD 8"},
+	{Name: "seq-write", Desc: "fio sequential write, 1 MiB blocks, QD 8"},
+	{Name: "rand-read", Desc: "fio random read, 4 KiB, QD 32", IOPS: true},
+	{Name: "rand-write", Desc: "fio random write, 4 KiB, QD 32", IOPS: true},
+	{Name: "mixed", Desc: "fio random 70/30 read/write, 4 KiB, 4 connections × QD 16", IOPS: true},
+	{Name: "copy-out", Desc: "nbdcopy export → null:"},
+	{Name: "copy-in", Desc: "nbdcopy file → export (also fills the image)"},
+	{Name: "mem-1m", Desc: "fio random read, 1 MiB, 4 connections × QD 128 (memory)", Memory: true},
+	{Name: "mem-4k", Desc: "fio random read, 4 KiB, 4 connections × QD 128 (memory)", IOPS: true, Memory: true},
+}
+
+func workload(name string) workloadInfo {
+	if i := slices.IndexFunc(workloads, func(w workloadInfo) bool { return w.Name == name }); i >= 0 {
+		return workloads[i]
+	}
+	return workloadInfo{Name: name}
 }
 
 // isFio reports whether a workload is a fio run (with IOPS and latency).
 func isFio(wl string) bool { return wl != "copy-out" && wl != "copy-in" }
 
 // isRandom reports whether a workload's headline figure is IOPS.
-func isRandom(wl string) bool { return wl == "rand-read" || wl == "rand-write" || wl == "mixed" }
+func isRandom(wl string) bool { return workload(wl).IOPS }
+
+// isMemory reports whether a workload is one of the memory workloads.
+func isMemory(wl string) bool { return workload(wl).Memory }
 
 type serverInfo struct {
 	Name, Label, Short string
@@ -39,6 +60,9 @@ var servers = []serverInfo{
 	// Azurite is an emulator, not a speed reference: this row shows the
 	// page-blob path under load, not what Azure Storage does.
 	{"cryptnbd-azblob", "cryptnbd on Azurite page blobs (emulator)", "cryptnbd+azurite", "cryptnbd", true},
+	// The same disk read and written with pread/pwrite (--mmap=false):
+	// the other side of mapping images, lower RSS at lower speed.
+	{"cryptnbd-nomap", "cryptnbd with --mmap=false (pread and pwrite)", "cryptnbd-nomap", "cryptnbd", true},
 	{"nbdkit", "nbdkit file", "nbdkit", "", false},
 	{"nbdkit-luks", "nbdkit file + luks (LUKS1, 512-byte sectors)", "nbdkit+luks", "nbdkit", true},
 	{"qemu-nbd", "qemu-nbd raw", "qemu-nbd", "", false},
@@ -79,6 +103,7 @@ type Cell struct {
 	ClientCPUPerGiB  float64 // fio's CPU per GiB; 0 for nbdcopy runs
 	MinMiBps         float64 // spread over the rounds, for the chart
 	MaxMiBps         float64
+	Mem              Mem // medians of the rounds' peaks; zero if never sampled
 }
 
 // CPUPerIO is server CPU µs per request, from the mean request size.
@@ -126,6 +151,7 @@ func summarize(runs []Run) *Summary {
 	for k, rs := range groups {
 		c := &Cell{Server: k.server, Workload: k.wl}
 		var mib, iops, p99, cpu, ccpu []float64
+		var mem [4][]float64
 		for _, r := range rs {
 			if !r.OK() {
 				c.Failed++
@@ -137,11 +163,19 @@ func summarize(runs []Run) *Summary {
 			p99 = append(p99, r.P99us)
 			cpu = append(cpu, r.CPUPerGiB())
 			ccpu = append(ccpu, r.ClientCPUPerGiB())
+			if r.Mem.Known() {
+				for i, v := range []float64{r.Mem.RSS, r.Mem.Anon, r.Mem.File, r.Mem.Shmem} {
+					mem[i] = append(mem[i], v)
+				}
+			}
 		}
 		if c.Rounds > 0 {
 			c.MiBps, c.IOPS, c.P99us, c.CPUPerGiB = median(mib), median(iops), median(p99), median(cpu)
 			c.ClientCPUPerGiB = median(ccpu)
 			c.MinMiBps, c.MaxMiBps = slices.Min(mib), slices.Max(mib)
+		}
+		if len(mem[0]) > 0 {
+			c.Mem = Mem{RSS: median(mem[0]), Anon: median(mem[1]), File: median(mem[2]), Shmem: median(mem[3])}
 		}
 		s.Cells[k.server][k.wl] = c
 	}
@@ -221,7 +255,9 @@ type Target struct {
 	Against  string // server compared with
 	Measured float64
 	Want     float64
-	AtMost   bool // Measured must be ≤ Want (CPU), else ≥ Want
+	AtMost   bool   // Measured must be ≤ Want (CPU), else ≥ Want
+	Unit     string // "" for a ratio, else the unit of Measured
+	Note     string // said beside the status
 }
 
 // Met reports whether the target holds; a missing measurement is not met.
@@ -254,12 +290,12 @@ func (s *Summary) targets() []Target {
 		add("≥ 1.5× qemu-nbd+luks", wl, "qemu-nbd-luks", 1.5)
 	}
 	for _, wl := range s.Workloads {
-		if isFio(wl) {
+		if isFio(wl) && !isMemory(wl) {
 			add("≥ 0.9× best plain peer", wl, s.bestPlain(wl), 0.9)
 		}
 	}
 	for _, wl := range s.Workloads {
-		if !isFio(wl) {
+		if !isFio(wl) || isMemory(wl) {
 			continue
 		}
 		t := Target{Goal: "CPU/GiB ≤ 1.3× leanest plain peer", Workload: wl, Against: s.leanestPlain(wl), Want: 1.3, AtMost: true}
@@ -268,5 +304,28 @@ func (s *Summary) targets() []Target {
 		}
 		ts = append(ts, t)
 	}
+	for _, wl := range s.Workloads {
+		if !isMemory(wl) {
+			continue
+		}
+		ts = append(ts, s.memoryTarget("RSS < 100 MiB", me, wl))
+		if s.Cells["cryptnbd-nomap"] != nil {
+			ts = append(ts, s.memoryTarget("RSS < 100 MiB, --mmap=false", "cryptnbd-nomap", wl))
+		}
+	}
 	return ts
+}
+
+// memoryTarget checks server's peak VmRSS on wl against 100 MiB, saying
+// how much of a miss is the image mapped from tmpfs.
+func (s *Summary) memoryTarget(goal, server, wl string) Target {
+	// Want is the largest figure strictly below 100.
+	t := Target{Goal: goal, Workload: wl, Want: math.Nextafter(100, 0), AtMost: true, Unit: "MiB"}
+	if c := s.Cell(server, wl); c != nil && c.Mem.Known() {
+		t.Measured = c.Mem.RSS
+		if own := c.Mem.RSS - c.Mem.Shmem; !t.Met() && c.Mem.Shmem > 0 {
+			t.Note = fmt.Sprintf("%.0f MiB of it is the tmpfs image mapped (RssShmem); %.0f MiB without it", c.Mem.Shmem, own)
+		}
+	}
+	return t
 }

@@ -148,6 +148,7 @@ func writeMarkdown(w io.Writer, s *Summary, machine []string, chart string) {
 	}
 
 	writeCPUBudget(w, s)
+	writeMemory(w, s)
 
 	p("\n## Targets\n\n")
 	writeTargets(w, s.targets())
@@ -231,18 +232,51 @@ func writeTargets(w io.Writer, ts []Target) {
 		case !t.Met():
 			status = "**missed**"
 		}
+		if t.Note != "" {
+			status += " (" + t.Note + ")"
+		}
 		against := short(t.Against)
 		if against == "" {
 			against = "–"
 		}
-		fmt.Fprintf(w, "| %s | %s | %s | %s | %s |\n", t.Goal, t.Workload, against, fmtRatio(t.Measured), status)
+		measured := fmtRatio(t.Measured)
+		if t.Unit != "" && t.Measured != 0 {
+			measured = fmt.Sprintf("%.0f %s", t.Measured, t.Unit)
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s |\n", t.Goal, t.Workload, against, measured, status)
+	}
+}
+
+// writeMemory writes each server's peak memory under the memory workloads.
+func writeMemory(w io.Writer, s *Summary) {
+	p := func(format string, a ...any) { fmt.Fprintf(w, format, a...) }
+	var wls []string
+	for _, wl := range s.Workloads {
+		if isMemory(wl) {
+			wls = append(wls, wl)
+		}
+	}
+	if len(wls) == 0 {
+		return
+	}
+	p("\n## Memory\n\nPeak resident memory of the server (summed over its processes) while the workload ran, sampled from `/proc/PID/status` five times a second; MiB, medians over rounds. VmRSS = RssAnon (heap, stacks, buffers) + RssFile (mapped files: the binary) + RssShmem (mapped tmpfs files). cryptnbd's RssShmem is its image, mapped (`--mmap`): the image's own tmpfs pages, which exist whether mapped or not, so they count in its VmRSS but do not add to the machine's memory in use.\n")
+	for _, wl := range wls {
+		p("\n### %s: %s\n\n| server | VmRSS | RssAnon | RssFile | RssShmem |\n|---|---:|---:|---:|---:|\n", wl, desc(wl))
+		for _, srv := range s.Servers {
+			c := s.Cell(srv, wl)
+			if c == nil || !c.Mem.Known() {
+				continue
+			}
+			p("| %s | %.0f | %.0f | %.0f | %.0f |\n", label(srv), c.Mem.RSS, c.Mem.Anon, c.Mem.File, c.Mem.Shmem)
+		}
 	}
 }
 
 // writeSummaryCSV writes one row per server × workload with the medians.
 func writeSummaryCSV(w io.Writer, s *Summary) error {
 	cw := csv.NewWriter(w)
-	cw.Write([]string{"server", "workload", "rounds", "failed", "mib_per_s", "iops", "p99_us", "server_cpu_s_per_gib", "min_mib_per_s", "max_mib_per_s", "client_cpu_s_per_gib"})
+	cw.Write([]string{"server", "workload", "rounds", "failed", "mib_per_s", "iops", "p99_us", "server_cpu_s_per_gib", "min_mib_per_s", "max_mib_per_s", "client_cpu_s_per_gib",
+		"rss_mib", "anon_mib", "file_mib", "shmem_mib"})
 	for _, srv := range s.Servers {
 		for _, wl := range s.Workloads {
 			c := s.Cells[srv][wl]
@@ -251,7 +285,8 @@ func writeSummaryCSV(w io.Writer, s *Summary) error {
 			}
 			f := func(v float64, prec int) string { return strconv.FormatFloat(v, 'f', prec, 64) }
 			cw.Write([]string{srv, wl, strconv.Itoa(c.Rounds), strconv.Itoa(c.Failed),
-				f(c.MiBps, 1), f(c.IOPS, 0), f(c.P99us, 0), f(c.CPUPerGiB, 3), f(c.MinMiBps, 1), f(c.MaxMiBps, 1), f(c.ClientCPUPerGiB, 3)})
+				f(c.MiBps, 1), f(c.IOPS, 0), f(c.P99us, 0), f(c.CPUPerGiB, 3), f(c.MinMiBps, 1), f(c.MaxMiBps, 1), f(c.ClientCPUPerGiB, 3),
+				f(c.Mem.RSS, 1), f(c.Mem.Anon, 1), f(c.Mem.File, 1), f(c.Mem.Shmem, 1)})
 		}
 	}
 	cw.Flush()
@@ -261,11 +296,13 @@ func writeSummaryCSV(w io.Writer, s *Summary) error {
 // writeRunsCSV writes every run, one row each.
 func writeRunsCSV(w io.Writer, runs []Run) error {
 	cw := csv.NewWriter(w)
-	cw.Write([]string{"round", "server", "workload", "exit", "wall_s", "bytes", "mib_per_s", "iops", "p99_us", "server_cpu_s", "server_cpu_s_per_gib", "load1", "client_cpu_s"})
+	cw.Write([]string{"round", "server", "workload", "exit", "wall_s", "bytes", "mib_per_s", "iops", "p99_us", "server_cpu_s", "server_cpu_s_per_gib", "load1", "client_cpu_s",
+		"rss_mib", "anon_mib", "file_mib", "shmem_mib"})
 	for _, r := range runs {
 		f := func(v float64, prec int) string { return strconv.FormatFloat(v, 'f', prec, 64) }
 		cw.Write([]string{strconv.Itoa(r.Round), r.Server, r.Workload, strconv.Itoa(r.Exit), f(r.WallS, 3),
-			strconv.FormatInt(r.Bytes, 10), f(r.MiBps, 1), f(r.IOPS, 0), f(r.P99us, 0), f(r.CPUS, 2), f(r.CPUPerGiB(), 3), r.Load1, f(r.ClientCPUS, 2)})
+			strconv.FormatInt(r.Bytes, 10), f(r.MiBps, 1), f(r.IOPS, 0), f(r.P99us, 0), f(r.CPUS, 2), f(r.CPUPerGiB(), 3), r.Load1, f(r.ClientCPUS, 2),
+			f(r.Mem.RSS, 1), f(r.Mem.Anon, 1), f(r.Mem.File, 1), f(r.Mem.Shmem, 1)})
 	}
 	cw.Flush()
 	return cw.Error()
