@@ -360,8 +360,10 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			c.cancel()
 			return ErrServerClosed
 		default:
-			c.cancel()
+			// Counted before the close, so a client that sees its
+			// connection closed also sees the refusal in Stats.
 			s.refuse(s.log, reason, Peer{Addr: nc.RemoteAddr()}, nil)
+			c.cancel()
 			continue
 		}
 		s.accepted.Add(1)
