@@ -3,7 +3,7 @@
 # 127.0.0.1, every image in tmpfs. `make bench` runs it; see bench/README.md.
 #
 # Parameters (environment variables):
-#   QUICK=1         smoke run: 1 round, 512M image, 2 s per fio workload (~2 min)
+#   QUICK=1         smoke run: 1 round, 512M image, 2 s per fio workload (~4 min)
 #   ROUNDS=3        rounds; the report takes the median of each figure
 #   SIZE=2G         export size (suffixes K M G, powers of 1024)
 #   RUNTIME=5       seconds per fio workload
