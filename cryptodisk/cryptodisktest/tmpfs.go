@@ -7,8 +7,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-const tmpfsMagic = 0x01021994
-
 // TmpfsDir is a fresh directory on tmpfs, removed when tb ends. /dev/shm is
 // one on every Linux system the tests run on. If it is not, what the
 // caller wants to see happen there (a file lending its pages for writing)
@@ -16,7 +14,7 @@ const tmpfsMagic = 0x01021994
 func TmpfsDir(tb testing.TB) string {
 	tb.Helper()
 	var st unix.Statfs_t
-	if err := unix.Statfs("/dev/shm", &st); err != nil || st.Type != tmpfsMagic {
+	if err := unix.Statfs("/dev/shm", &st); err != nil || st.Type != unix.TMPFS_MAGIC {
 		tb.Fatalf("/dev/shm is not a tmpfs (statfs: %v, type %#x)", err, st.Type)
 	}
 	dir, err := os.MkdirTemp("/dev/shm", "cryptnbd-test-")

@@ -37,11 +37,6 @@ const minLend = 64 << 10
 // mincoreChunk bounds the residency vector kept on the stack.
 const mincoreChunk = 1024
 
-const (
-	tmpfsMagic = 0x01021994
-	ramfsMagic = 0x858458f6
-)
-
 // AddressBudget bounds the address space that the files sharing it map.
 // Images are sparse and may be far larger than memory; mapped whole, a few
 // of them could take the address space the Go heap needs to grow, and the
@@ -111,7 +106,7 @@ func (s *File) Map(budget *AddressBudget) error {
 	if err := unix.Fstatfs(s.fd, &st); err != nil {
 		return fmt.Errorf("filestore: map %s: %w", s.f.Name(), err)
 	}
-	s.m.writable = !s.readOnly && (st.Type == tmpfsMagic || st.Type == ramfsMagic)
+	s.m.writable = !s.readOnly && (st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC)
 	s.m.budget = budget
 	s.m.on = s.m.mapLocked(s.fd, s.size.Load())
 	return nil
