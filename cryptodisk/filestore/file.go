@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -21,8 +22,14 @@ type File struct {
 	f        *os.File
 	fd       int
 	readOnly bool
-	size     atomic.Int64
-	m        mapping
+	// inMemory: the filesystem keeps the file in memory (tmpfs, ramfs), so
+	// no read or write of it waits for a device.
+	inMemory bool
+	// noWaitReads is cleared when the kernel refuses RWF_NOWAIT on this
+	// file, so later reads are declined without asking it again.
+	noWaitReads atomic.Bool
+	size        atomic.Int64
+	m           mapping
 
 	// smu guards the group-commit state below. A Sync call takes a ticket;
 	// one caller at a time runs fdatasync on behalf of every ticket issued
@@ -71,6 +78,12 @@ func Open(path string, readOnly bool) (*File, error) {
 
 func newFile(f *os.File, size int64, readOnly bool) *File {
 	s := &File{f: f, fd: int(f.Fd()), readOnly: readOnly}
+	var st unix.Statfs_t
+	// A filesystem that cannot say what it is is treated as a device one.
+	if unix.Fstatfs(s.fd, &st) == nil {
+		s.inMemory = st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC
+	}
+	s.noWaitReads.Store(!s.inMemory)
 	s.size.Store(size)
 	s.cond = sync.NewCond(&s.smu)
 	return s
@@ -84,11 +97,51 @@ func (s *File) Size() int64 { return s.size.Load() }
 
 // ReadAt fills p from off; holes read as zeros.
 func (s *File) ReadAt(_ context.Context, p []byte, off int64) error {
+	return s.read(p, off, false)
+}
+
+// InMemory reports whether the file lives in memory (tmpfs or ramfs), where
+// no read or write waits for a device.
+func (s *File) InMemory() bool { return s.inMemory }
+
+// ReadAtNoWait is ReadAt for a caller that must not wait for the device:
+// where the bytes are not all in the page cache it fails with an error
+// wrapping syscall.EAGAIN, having filled p only in part. In memory it is
+// ReadAt; elsewhere it reads with RWF_NOWAIT, and where the kernel does
+// not offer that, every call fails with EAGAIN.
+func (s *File) ReadAtNoWait(_ context.Context, p []byte, off int64) error {
+	if s.inMemory {
+		return s.read(p, off, false)
+	}
+	if !s.noWaitReads.Load() {
+		return errWouldWait
+	}
+	return s.read(p, off, true)
+}
+
+// errWouldWait is returned without wrapping, so that a declined read costs
+// no allocation.
+var errWouldWait = fmt.Errorf("filestore: data not in the page cache: %w", syscall.EAGAIN)
+
+func (s *File) read(p []byte, off int64, noWait bool) error {
 	if end := off + int64(len(p)); off < 0 || end > s.size.Load() || end < off {
 		return fmt.Errorf("filestore: read [%d,+%d) beyond %d: %w", off, len(p), s.size.Load(), syscall.EINVAL)
 	}
 	for len(p) > 0 {
-		n, err := unix.Pread(s.fd, p, off)
+		var n int
+		var err error
+		if noWait {
+			n, err = preadNoWait(s.fd, p, off)
+			switch err {
+			case syscall.EAGAIN:
+				return errWouldWait
+			case syscall.EOPNOTSUPP:
+				s.noWaitReads.Store(false)
+				return errWouldWait
+			}
+		} else {
+			n, err = unix.Pread(s.fd, p, off)
+		}
 		if err != nil {
 			if err == syscall.EINTR {
 				continue
@@ -97,6 +150,10 @@ func (s *File) ReadAt(_ context.Context, p []byte, off int64) error {
 		}
 		if n == 0 {
 			return fmt.Errorf("filestore: read at %d: %w", off, io.ErrUnexpectedEOF)
+		}
+		if noWait && n < len(p) {
+			// RWF_NOWAIT stops short at the first page not cached.
+			return errWouldWait
 		}
 		p, off = p[n:], off+int64(n)
 	}
@@ -212,6 +269,18 @@ func (s *File) Sync(context.Context) error {
 		s.cond.Broadcast()
 	}
 	return s.syncErr
+}
+
+// preadNoWait is preadv2(RWF_NOWAIT) of one buffer, with the iovec on the
+// stack: x/sys/unix.Preadv2 allocates its iovecs on every call.
+func preadNoWait(fd int, p []byte, off int64) (int, error) {
+	iov := unix.Iovec{Base: unsafe.SliceData(p)}
+	iov.SetLen(len(p))
+	n, _, errno := unix.Syscall6(unix.SYS_PREADV2, uintptr(fd), uintptr(unsafe.Pointer(&iov)), 1, uintptr(off), 0, unix.RWF_NOWAIT)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
 }
 
 func fdatasync(fd int) error {

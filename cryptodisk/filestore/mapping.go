@@ -1,7 +1,6 @@
 package filestore
 
 import (
-	"fmt"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -94,22 +93,16 @@ type mapping struct {
 // size from budget (nil: no bound). Mapping is only a way to save a copy, so where it
 // cannot be had (a filesystem without mmap, an exhausted budget or address
 // space) the file stays unmapped, Lend declines, and every byte goes
-// through pread and pwrite; Mapped tells. The error is for a file whose
-// filesystem cannot be asked what it is.
-func (s *File) Map(budget *AddressBudget) error {
+// through pread and pwrite; Mapped tells.
+func (s *File) Map(budget *AddressBudget) {
 	s.m.mu.Lock()
 	defer s.m.mu.Unlock()
 	if s.m.on {
-		return nil
+		return
 	}
-	var st unix.Statfs_t
-	if err := unix.Fstatfs(s.fd, &st); err != nil {
-		return fmt.Errorf("filestore: map %s: %w", s.f.Name(), err)
-	}
-	s.m.writable = !s.readOnly && (st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC)
+	s.m.writable = !s.readOnly && s.inMemory
 	s.m.budget = budget
 	s.m.on = s.m.mapLocked(s.fd, s.size.Load())
-	return nil
 }
 
 // Mapped reports whether the file lends pages for reading, and for writing.

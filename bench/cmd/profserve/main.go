@@ -70,10 +70,7 @@ func run(ctx context.Context, l net.Listener, dataDir, name string, sig <-chan o
 	if err != nil {
 		return fmt.Errorf("profserve: %w", err)
 	}
-	if err := store.Map(filestore.NewAddressBudget(filestore.DefaultAddressBudget)); err != nil { // as the daemon does by default
-		store.Close()
-		return fmt.Errorf("profserve: %w", err)
-	}
+	store.Map(filestore.NewAddressBudget(filestore.DefaultAddressBudget)) // as the daemon does by default
 	d, err := cryptodisk.Open(ctx, store, platform, cryptodisk.Options{Logger: log})
 	if err != nil {
 		store.Close()

@@ -140,18 +140,14 @@ func (f *fileImages) open(path string, readOnly bool) (cryptodisk.Storage, error
 	if err != nil {
 		return nil, err
 	}
-	if err := f.mapFile(store); err != nil {
-		store.Close()
-		return nil, err
-	}
+	f.mapFile(store)
 	return store, nil
 }
 
-func (f *fileImages) mapFile(store *filestore.File) error {
-	if f.noMap {
-		return nil
+func (f *fileImages) mapFile(store *filestore.File) {
+	if !f.noMap {
+		store.Map(f.addr)
 	}
-	return store.Map(f.addr)
 }
 
 func (f *fileImages) Kind() string { return "file" }
@@ -233,11 +229,7 @@ func (f *fileImages) Create(ctx context.Context, name string, _ ImageMeta, _ fun
 	if err != nil {
 		return nil, err
 	}
-	if err := f.mapFile(store); err != nil {
-		store.Close()
-		os.Remove(tmp)
-		return nil, err
-	}
+	f.mapFile(store)
 	return &NewImage{Store: store, Commit: publishNew(tmp, path), Abort: func() { os.Remove(tmp) }}, nil
 }
 
