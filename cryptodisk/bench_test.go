@@ -46,9 +46,9 @@ func benchDisk(b *testing.B, store cryptodisk.Storage, ss int, factory cryptodis
 }
 
 // BenchmarkDisk measures steady-state ReadAt and WriteAt on a memory store,
-// with allocations per request. Aligned requests take the in-place path;
-// "unaligned" ones (offset 512 into a 4096-byte sector) add a partial
-// head and tail.
+// with allocations per request, and for aligned requests TryReadAt and
+// TryWriteAt too. Aligned requests take the in-place path; "unaligned"
+// ones (offset 512 into a 4096-byte sector) add a partial head and tail.
 func BenchmarkDisk(b *testing.B) {
 	ciphers := []struct {
 		name string
@@ -82,6 +82,10 @@ func BenchmarkDisk(b *testing.B) {
 							off = (off + int64(n)) % span
 						}
 					})
+					if shift == 0 {
+						b.Run("TryReadAt/"+name, func(b *testing.B) { benchTry(b, d.TryReadAt, buf, span) })
+						b.Run("TryWriteAt/"+name, func(b *testing.B) { benchTry(b, d.TryWriteAt, buf, span) })
+					}
 					b.Run("WriteAt/"+name, func(b *testing.B) {
 						b.SetBytes(int64(n))
 						b.ReportAllocs()
@@ -97,6 +101,19 @@ func BenchmarkDisk(b *testing.B) {
 				}
 			}
 		}
+	}
+}
+
+func benchTry(b *testing.B, try func(context.Context, []byte, int64) (bool, error), buf []byte, span int64) {
+	b.SetBytes(int64(len(buf)))
+	b.ReportAllocs()
+	ctx := context.Background()
+	var off int64
+	for b.Loop() {
+		if ok, err := try(ctx, buf, off); !ok || err != nil {
+			b.Fatalf("at %d: served %v, %v", off, ok, err)
+		}
+		off = (off + int64(len(buf))) % span
 	}
 }
 

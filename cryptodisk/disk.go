@@ -65,16 +65,20 @@ type CreateOptions struct {
 // Disk is one open encrypted disk. It is safe for concurrent use; it
 // implements the NBD layer's Backend and the key watcher's suspend target.
 type Disk struct {
-	store      Storage
-	lender     Lender // store, where it lends its pages; else nil
-	log        *slog.Logger
-	newCipher  CipherFactory
-	hold       time.Duration
-	uuid       string
-	dataOff    int64
-	sectorSize int64
-	tweakStep  uint64
-	size       atomic.Int64
+	store  Storage
+	lender Lender // store, where it lends its pages; else nil
+	// noWait is the store where it can read without waiting, else nil;
+	// noWaitWrites says its writes never wait either.
+	noWait       NoWaitStorage
+	noWaitWrites bool
+	log          *slog.Logger
+	newCipher    CipherFactory
+	hold         time.Duration
+	uuid         string
+	dataOff      int64
+	sectorSize   int64
+	tweakStep    uint64
+	size         atomic.Int64
 
 	// hmu serialises header rewrites (re-wrap, resize) and guards hdr, token.
 	hmu   sync.Mutex
@@ -294,6 +298,9 @@ func open(store Storage, hdr *luks2.Header, tok Token, vk []byte, o Options) (*D
 		hdr:       hdr, token: tok, cipher: c, state: StateActive, since: time.Now(),
 	}
 	d.lender, _ = store.(Lender)
+	if nw, ok := store.(NoWaitStorage); ok {
+		d.noWait, d.noWaitWrites = nw, nw.InMemory()
+	}
 	d.size.Store(store.Size() - d.dataOff)
 	d.bufs.New = func() any { b := make([]byte, zeroChunk); return &b }
 	d.sectorBufs.New = func() any { b := make([]byte, ss); return &b }
@@ -342,6 +349,20 @@ func (d *Disk) enter(ctx context.Context) (SectorCipher, error) {
 	}
 	d.gmu.RUnlock()
 	return d.wait(ctx)
+}
+
+// tryEnter is enter for a caller that must not wait: it returns nil,
+// holding nothing, while the disk is suspended or closed or Suspend is
+// waiting for the gate.
+func (d *Disk) tryEnter() SectorCipher {
+	if !d.gmu.TryRLock() {
+		return nil
+	}
+	if c := d.cipher; c != nil {
+		return c
+	}
+	d.gmu.RUnlock()
+	return nil
 }
 
 func (d *Disk) wait(ctx context.Context) (SectorCipher, error) {

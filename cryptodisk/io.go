@@ -2,6 +2,7 @@ package cryptodisk
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"runtime/debug"
 	"syscall"
@@ -11,25 +12,49 @@ import (
 // ReadAt decrypts len(p) bytes from off into p. Sectors whose ciphertext is
 // all zeros read as zeros (see the package doc).
 func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
-	if err := d.checkRange(off, int64(len(p)), syscall.EINVAL); err != nil {
-		return err
+	_, err := d.readAt(ctx, p, off, false)
+	return err
+}
+
+// TryReadAt is ReadAt for a caller that must not wait. Where the read would
+// have to wait, for a suspended key, a stripe held by a read-modify-write or
+// the store's device, it returns false at once, holding nothing, and the
+// caller uses ReadAt; p's contents are then undefined. With true, the error
+// is the read's own.
+func (d *Disk) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if d.noWait == nil {
+		return false, nil
 	}
-	c, err := d.enter(ctx)
-	if err != nil {
-		return err
+	return d.readAt(ctx, p, off, true)
+}
+
+// errWouldWait stops a no-wait request that met something it would have to
+// wait for; it never leaves the package.
+var errWouldWait = errors.New("cryptodisk: request would wait")
+
+func (d *Disk) readAt(ctx context.Context, p []byte, off int64, noWait bool) (bool, error) {
+	if err := d.checkRange(off, int64(len(p)), syscall.EINVAL); err != nil {
+		return true, err
+	}
+	c, err := d.pass(ctx, noWait)
+	if c == nil {
+		return err != nil, err
 	}
 	defer d.gmu.RUnlock()
 	ss := d.sectorSize
 	end := off + int64(len(p))
 	if end == off {
-		return nil
+		return true, nil
 	}
 	// A shared hold on the stripes keeps a partial-sector read-modify-write
 	// of another request out of these sectors while they are read: a store
 	// need not make a read atomic against a concurrent write, and a sector
 	// caught half-written from a hole would decrypt to garbage, even in
 	// bytes the writer did not touch.
-	locks := d.lockRange(off/ss, (end-1)/ss, false, false)
+	locks, ok := d.lockRange(off/ss, (end-1)/ss, false, false, noWait)
+	if !ok {
+		return false, nil
+	}
 	defer locks.unlock()
 	// Head and tail sectors only partly wanted go through a bounce buffer;
 	// the aligned body is decrypted into p, from p itself after a read or
@@ -41,30 +66,41 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 			n := min(ss-inner, end-off)
 			bp := d.sectorBufs.Get().(*[]byte)
 			buf := (*bp)[:ss]
-			err := d.readSectors(ctx, c, buf, sector)
+			err := d.readSectors(ctx, c, buf, sector, noWait)
 			if err == nil {
 				copy(p[:n], buf[inner:])
 			}
 			d.sectorBufs.Put(bp)
 			if err != nil {
-				return err
+				return err != errWouldWait, err
 			}
 			p, off = p[n:], off+n
 			continue
 		}
 		n := (end - off) / ss * ss
-		if err := d.readSectors(ctx, c, p[:n], sector); err != nil {
-			return err
+		if err := d.readSectors(ctx, c, p[:n], sector, noWait); err != nil {
+			return err != errWouldWait, err
 		}
 		p, off = p[n:], off+n
 	}
-	return nil
+	return true, nil
+}
+
+// pass takes the gate for a request: enter, or with noWait tryEnter, where
+// a nil cipher and error mean the request would have to wait.
+func (d *Disk) pass(ctx context.Context, noWait bool) (SectorCipher, error) {
+	if noWait {
+		return d.tryEnter(), nil
+	}
+	return d.enter(ctx)
 }
 
 // readSectors reads whole sectors starting at sector and decrypts them into
 // buf, leaving all-zero ciphertext sectors as zeros. Where the store lends
 // the ciphertext in place, the cipher reads it there and no copy is made.
-func (d *Disk) readSectors(ctx context.Context, c SectorCipher, buf []byte, sector int64) error {
+// With noWait it reads only what the store has in memory, and returns
+// errWouldWait where the store would have to wait.
+func (d *Disk) readSectors(ctx context.Context, c SectorCipher, buf []byte, sector int64, noWait bool) error {
 	off := d.dataOff + sector*d.sectorSize
 	if d.lender != nil {
 		if src := d.lender.Lend(off, len(buf), false); src != nil {
@@ -76,7 +112,16 @@ func (d *Disk) readSectors(ctx context.Context, c SectorCipher, buf []byte, sect
 			return nil
 		}
 	}
-	if err := d.store.ReadAt(ctx, buf, off); err != nil {
+	var err error
+	if noWait {
+		err = d.noWait.ReadAtNoWait(ctx, buf, off)
+	} else {
+		err = d.store.ReadAt(ctx, buf, off)
+	}
+	if err != nil {
+		if noWait && errors.Is(err, syscall.EAGAIN) {
+			return errWouldWait
+		}
 		return fmt.Errorf("cryptodisk: read sector %d: %w", sector, err)
 	}
 	d.decryptRuns(c, buf, buf, sector)
@@ -150,35 +195,60 @@ func lentFault(r any, lent []byte) error {
 // ciphertext (or unchanged, where the store lent its pages), so the caller
 // must not use its contents afterwards.
 func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
+	_, err := d.writeAt(ctx, p, off, false)
+	return err
+}
+
+// TryWriteAt is WriteAt for a caller that must not wait. It takes writes of
+// whole sectors to a store held in memory, and declines any other, or one
+// that would wait for a suspended key, the write barrier or a stripe: it
+// then returns false at once, having written nothing and left p as it was,
+// and the caller uses WriteAt. With true, the error is the write's own.
+func (d *Disk) TryWriteAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if !d.noWaitWrites || off%d.sectorSize != 0 || int64(len(p))%d.sectorSize != 0 {
+		return false, nil
+	}
+	return d.writeAt(ctx, p, off, true)
+}
+
+func (d *Disk) writeAt(ctx context.Context, p []byte, off int64, noWait bool) (bool, error) {
 	if err := d.checkRange(off, int64(len(p)), syscall.ENOSPC); err != nil {
-		return err
+		return true, err
 	}
 	if len(p) == 0 {
 		// write would take an unaligned empty range for a partial sector
 		// and, with p nil, zero the rest of it.
-		return nil
+		return true, nil
 	}
-	c, err := d.enter(ctx)
-	if err != nil {
-		return err
+	c, err := d.pass(ctx, noWait)
+	if c == nil {
+		return err != nil, err
 	}
 	defer d.gmu.RUnlock()
-	d.wmu.RLock()
+	if noWait {
+		if !d.wmu.TryRLock() {
+			return false, nil
+		}
+	} else {
+		d.wmu.RLock()
+	}
 	defer d.wmu.RUnlock()
-	if err := d.write(ctx, c, p, off); err != nil {
-		return err
+	if done, err := d.write(ctx, c, p, off, noWait); !done || err != nil {
+		return done, err
 	}
 	// Counted while the gate is still held: Suspend cannot complete between
 	// the write and the count, so a suspended disk's count stands still.
 	d.writes.Add(1)
-	return nil
+	return true, nil
 }
 
 // write stores plaintext p at off. Partial head and tail sectors are read,
 // patched and rewritten under an exclusive stripe lock, whole ones under a
 // shared one (see lockRange). Whole sectors are encrypted straight into the
 // store's pages where it lends them, or in place in p and then written.
-func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64) error {
+// With noWait (whole sectors only) it returns false, having done nothing,
+// where it would wait for a stripe.
+func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, noWait bool) (bool, error) {
 	ss := d.sectorSize
 	end := off + int64(len(p))
 	first, last := off/ss, (end-1)/ss
@@ -186,22 +256,25 @@ func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64) e
 	tailPartial := end%ss != 0
 	bodyStart := (off + ss - 1) / ss * ss
 	bodyEnd := end / ss * ss
-	locks := d.lockRange(first, last, headPartial, tailPartial)
+	locks, ok := d.lockRange(first, last, headPartial, tailPartial, noWait)
+	if !ok {
+		return false, nil
+	}
 	defer locks.unlock()
 	if headPartial {
 		n := min(ss-off%ss, end-off)
 		if err := d.patchSector(ctx, c, first, off%ss, p[:n]); err != nil {
-			return err
+			return true, err
 		}
 	}
 	if tailPartial && (last != first || !headPartial) {
 		n := end % ss
 		if err := d.patchSector(ctx, c, last, 0, p[len(p)-int(n):]); err != nil {
-			return err
+			return true, err
 		}
 	}
 	if bodyEnd <= bodyStart {
-		return nil
+		return true, nil
 	}
 	body := p[bodyStart-off : bodyEnd-off]
 	if d.lender != nil {
@@ -209,16 +282,16 @@ func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64) e
 			err := d.encryptLent(c, dst, body, bodyStart/ss)
 			d.lender.Unlend()
 			if err != nil {
-				return fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
+				return true, fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
 			}
-			return nil
+			return true, nil
 		}
 	}
 	c.EncryptSectors(body, body, int(ss), uint64(bodyStart/ss)*d.tweakStep, d.tweakStep)
 	if err := d.store.WriteAt(ctx, body, d.dataOff+bodyStart); err != nil {
-		return fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
+		return true, fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
 	}
-	return nil
+	return true, nil
 }
 
 // patchSector is the read-modify-write of one partial sector. The caller
@@ -227,7 +300,7 @@ func (d *Disk) patchSector(ctx context.Context, c SectorCipher, sector, inner in
 	bp := d.sectorBufs.Get().(*[]byte)
 	defer d.sectorBufs.Put(bp)
 	buf := (*bp)[:d.sectorSize]
-	if err := d.readSectors(ctx, c, buf, sector); err != nil {
+	if err := d.readSectors(ctx, c, buf, sector, false); err != nil {
 		return err
 	}
 	if data == nil {
@@ -246,9 +319,11 @@ func (d *Disk) patchSector(ctx context.Context, c SectorCipher, sector, inner in
 // partial head or tail sector (its read-modify-write must not interleave
 // with any other write to that sector, or bytes outside either write would
 // be lost, nor with a read of it), shared for whole sectors and reads.
-// Stripes are taken in index order, so two writers cannot deadlock. The
-// result is a value, not a closure, so that locking allocates nothing.
-func (d *Disk) lockRange(first, last int64, headPartial, tailPartial bool) stripeLock {
+// Stripes are taken in index order, so two writers cannot deadlock. With
+// try it takes them only if none is held against it, and otherwise returns
+// false holding none. The result is a value, not a closure, so that
+// locking allocates nothing.
+func (d *Disk) lockRange(first, last int64, headPartial, tailPartial, try bool) (stripeLock, bool) {
 	l := stripeLock{d: d, lo: 0, hi: nStripes - 1, head: -1, tail: -1}
 	if last-first+1 < nStripes {
 		l.lo, l.hi = int(first%nStripes), int(last%nStripes)
@@ -260,12 +335,17 @@ func (d *Disk) lockRange(first, last int64, headPartial, tailPartial bool) strip
 		l.tail = int(last % nStripes)
 	}
 	if l.lo <= l.hi {
-		l.lock(l.lo, l.hi)
-	} else { // the range wraps around the stripes
-		l.lock(0, l.hi)
-		l.lock(l.lo, nStripes-1)
+		return l, l.lock(l.lo, l.hi, try)
 	}
-	return l
+	// The range wraps around the stripes.
+	if !l.lock(0, l.hi, try) {
+		return l, false
+	}
+	if !l.lock(l.lo, nStripes-1, try) {
+		l.release(0, l.hi)
+		return l, false
+	}
+	return l, true
 }
 
 // stripeLock is the set of stripes one request holds: lo..hi, or 0..hi and
@@ -276,14 +356,24 @@ type stripeLock struct {
 	head, tail int
 }
 
-func (l *stripeLock) lock(from, to int) {
+// lock takes stripes from..to, or with try gives back what it took and
+// returns false at the first one held against it.
+func (l *stripeLock) lock(from, to int, try bool) bool {
 	for i := from; i <= to; i++ {
-		if i == l.head || i == l.tail {
-			l.d.stripes[i].Lock()
-		} else {
-			l.d.stripes[i].RLock()
+		s := &l.d.stripes[i]
+		excl := i == l.head || i == l.tail
+		switch {
+		case try && !(excl && s.TryLock() || !excl && s.TryRLock()):
+			l.release(from, i-1)
+			return false
+		case try:
+		case excl:
+			s.Lock()
+		default:
+			s.RLock()
 		}
 	}
+	return true
 }
 
 func (l *stripeLock) release(from, to int) {
@@ -365,7 +455,7 @@ func (d *Disk) Zero(ctx context.Context, off, length int64, noHole, fast bool) e
 	// Whole sectors are written (or punched) under a shared hold like any
 	// whole-sector write, so a read-modify-write of one of them cannot
 	// straddle it and bring old bytes back.
-	locks := d.lockRange(bodyStart/ss, bodyEnd/ss-1, false, false)
+	locks, _ := d.lockRange(bodyStart/ss, bodyEnd/ss-1, false, false, false)
 	defer locks.unlock()
 	if noHole {
 		return d.writeZeros(ctx, c, bodyStart, bodyEnd)
@@ -384,7 +474,7 @@ func (d *Disk) zeroPartial(ctx context.Context, c SectorCipher, off, end int64) 
 	for off < end {
 		sector := off / ss
 		n := min(ss-off%ss, end-off)
-		locks := d.lockRange(sector, sector, true, true)
+		locks, _ := d.lockRange(sector, sector, true, true, false)
 		var err error
 		if n == ss {
 			err = d.writeZeros(ctx, c, off, off+n)

@@ -49,6 +49,21 @@ type Lender interface {
 	Unlend()
 }
 
+// NoWaitStorage is a Storage that can serve reads, and where it is held in
+// memory writes too, without waiting for a device. Disk uses it for
+// TryReadAt and TryWriteAt, which a caller that must not block (the NBD
+// server's connection reader) tries before handing a request to a
+// goroutine that may wait. filestore.File is one.
+type NoWaitStorage interface {
+	// ReadAtNoWait is ReadAt, except that where it would have to wait for
+	// the device (the bytes are not all in memory) it fails at once with an
+	// error wrapping syscall.EAGAIN, leaving p's contents undefined.
+	ReadAtNoWait(ctx context.Context, p []byte, off int64) error
+	// InMemory reports that the image is held in memory (tmpfs, say), so
+	// that neither ReadAt nor WriteAt ever waits for a device.
+	InMemory() bool
+}
+
 // KeyWrapper wraps a disk's keyslot secret under a key provider's current key.
 // aad binds the result to one disk: unwrapping with other aad must fail where
 // the provider's algorithm allows it.

@@ -71,6 +71,14 @@ func (s *Store) AllocatedBytes() int64 {
 	return int64(len(s.img.pages)) * PageSize
 }
 
+// InMemory is true: no read or write waits for a device.
+func (s *Store) InMemory() bool { return true }
+
+// ReadAtNoWait is ReadAt: memory never makes a read wait for a device.
+func (s *Store) ReadAtNoWait(ctx context.Context, p []byte, off int64) error {
+	return s.ReadAt(ctx, p, off)
+}
+
 // ReadAt fills p from off; unwritten ranges read as zeros. A range beyond
 // Size fails with an error wrapping syscall.EINVAL.
 func (s *Store) ReadAt(_ context.Context, p []byte, off int64) error {
