@@ -23,6 +23,14 @@ type Backend interface {
 	Size() int64
 }
 
+// NoWaitBackend is nbd.NoWaitBackend's method set, declared here for the
+// same reason as Backend.
+type NoWaitBackend interface {
+	Backend
+	TryReadAt(ctx context.Context, p []byte, off int64) (bool, error)
+	TryWriteAt(ctx context.Context, p []byte, off int64) (bool, error)
+}
+
 // op indexes the per-operation children of a disk.
 type op int
 
@@ -91,9 +99,15 @@ func (m *Metrics) disk(name string) *diskIO {
 // op and result, bytes, duration and requests in flight. Errors and data
 // pass through untouched, so the NBD layer sees b's own errors. Wrapping
 // the same disk more than once (say per connection) shares the counters.
-// The wrapper allocates nothing per request.
+// The wrapper allocates nothing per request. Where b is a NoWaitBackend
+// so is the wrapper; a Try call is counted only if it served the request,
+// since one that declined is made again through ReadAt or WriteAt.
 func (m *Metrics) WrapBackend(disk string, b Backend) Backend {
-	return &backend{next: b, d: m.disk(disk)}
+	w := &backend{next: b, d: m.disk(disk)}
+	if nw, ok := b.(NoWaitBackend); ok {
+		return &noWaitBackend{backend: w, next: nw}
+	}
+	return w
 }
 
 // ForgetDisk drops every per-disk series of disk, for a deleted disk. A
@@ -159,24 +173,62 @@ func (b *backend) end(o op, start time.Time, n int64, err error) {
 func (b *backend) ReadAt(ctx context.Context, p []byte, off int64) error {
 	start := b.begin()
 	err := b.next.ReadAt(ctx, p, off)
-	b.end(opRead, start, int64(len(p)), err)
+	b.endRead(start, len(p), err)
+	return err
+}
+
+func (b *backend) endRead(start time.Time, n int, err error) {
+	b.end(opRead, start, int64(n), err)
 	if err == nil {
-		b.d.readBytes.Add(uint64(len(p)))
+		b.d.readBytes.Add(uint64(n))
 		b.d.readOps.Add(1)
 	}
-	return err
 }
 
 func (b *backend) WriteAt(ctx context.Context, p []byte, off int64) error {
 	n := len(p) // WriteAt may scribble on p, but not change its length
 	start := b.begin()
 	err := b.next.WriteAt(ctx, p, off)
+	b.endWrite(start, n, err)
+	return err
+}
+
+func (b *backend) endWrite(start time.Time, n int, err error) {
 	b.end(opWrite, start, int64(n), err)
 	if err == nil {
 		b.d.writeBytes.Add(uint64(n))
 		b.d.writeOps.Add(1)
 	}
-	return err
+}
+
+// noWaitBackend is backend for a next that can try requests without
+// waiting.
+type noWaitBackend struct {
+	*backend
+	next NoWaitBackend
+}
+
+func (b *noWaitBackend) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	start := b.begin()
+	done, err := b.next.TryReadAt(ctx, p, off)
+	if done {
+		b.endRead(start, len(p), err)
+	} else {
+		b.d.inFlight.Dec()
+	}
+	return done, err
+}
+
+func (b *noWaitBackend) TryWriteAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	n := len(p)
+	start := b.begin()
+	done, err := b.next.TryWriteAt(ctx, p, off)
+	if done {
+		b.endWrite(start, n, err)
+	} else {
+		b.d.inFlight.Dec()
+	}
+	return done, err
 }
 
 func (b *backend) Flush(ctx context.Context) error {

@@ -223,6 +223,7 @@ func TestWrapBackendAllocatesNothing(t *testing.T) {
 	m := metrics.New()
 	b := m.WrapBackend("d", nopBackend{})
 	bad := m.WrapBackend("d", &fakeBackend{err: syscall.EIO})
+	try := m.WrapBackend("d", &tryBackend{serve: true}).(metrics.NoWaitBackend)
 	p := make([]byte, 4096)
 	for _, c := range []struct {
 		name string
@@ -233,6 +234,8 @@ func TestWrapBackendAllocatesNothing(t *testing.T) {
 		{"failed WriteAt", func() { bad.WriteAt(ctx, p, 0) }},
 		{"Flush", func() { b.Flush(ctx) }},
 		{"Zero", func() { b.Zero(ctx, 0, 4096, false, true) }},
+		{"TryReadAt", func() { try.TryReadAt(ctx, p, 0) }},
+		{"TryWriteAt", func() { try.TryWriteAt(ctx, p, 0) }},
 	} {
 		if n := testing.AllocsPerRun(1000, c.f); n != 0 {
 			t.Errorf("%s allocates %v times per call, want 0", c.name, n)
@@ -270,5 +273,72 @@ func BenchmarkUnwrapped(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		w.ReadAt(context.Background(), p, 0)
+	}
+}
+
+// tryBackend is a fakeBackend whose Try methods serve when serve is set
+// and decline otherwise.
+type tryBackend struct {
+	fakeBackend
+	serve bool
+}
+
+func (b *tryBackend) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if !b.serve {
+		return false, nil
+	}
+	return true, b.ReadAt(ctx, p, off)
+}
+
+func (b *tryBackend) TryWriteAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if !b.serve {
+		return false, nil
+	}
+	return true, b.WriteAt(ctx, p, off)
+}
+
+// TestWrapBackendNoWait: the wrapper of a NoWaitBackend is one, and counts
+// a Try call only when it served the request: one that declined is made
+// again through ReadAt or WriteAt, and would otherwise count twice. The
+// wrapper of any other backend is not one, so the NBD server does not try.
+func TestWrapBackendNoWait(t *testing.T) {
+	ctx := context.Background()
+	if _, ok := metrics.New().WrapBackend("d", &fakeBackend{}).(metrics.NoWaitBackend); ok {
+		t.Fatal("the wrapper of a plain backend offers Try methods")
+	}
+	m := metrics.New()
+	serving := m.WrapBackend("d", &tryBackend{serve: true}).(metrics.NoWaitBackend)
+	declining := m.WrapBackend("d", &tryBackend{}).(metrics.NoWaitBackend)
+	failing := m.WrapBackend("d", &tryBackend{fakeBackend: fakeBackend{err: syscall.EIO}, serve: true}).(metrics.NoWaitBackend)
+	p := make([]byte, 4096)
+	for _, b := range []metrics.NoWaitBackend{serving, declining, failing} {
+		for range 2 {
+			b.TryReadAt(ctx, p, 0)
+			b.TryWriteAt(ctx, p[:512], 0)
+		}
+	}
+	if ok, err := declining.TryReadAt(ctx, p, 0); ok || err != nil {
+		t.Errorf("declining TryReadAt = %v, %v through the wrapper", ok, err)
+	}
+	for op, n := range map[string]float64{"read": 4096, "write": 512} {
+		l := map[string]string{"disk": "d", "op": op}
+		if got := mustValue(t, m, "cryptnbd_disk_requests_total", map[string]string{"disk": "d", "op": op, "result": "ok"}); got != 2 {
+			t.Errorf("%s ok = %v, want 2", op, got)
+		}
+		if got := mustValue(t, m, "cryptnbd_disk_requests_total", map[string]string{"disk": "d", "op": op, "result": "error"}); got != 2 {
+			t.Errorf("%s errors = %v, want 2", op, got)
+		}
+		if got := mustValue(t, m, "cryptnbd_disk_request_duration_seconds", l); got != 4 {
+			t.Errorf("%s duration observations = %v, want 4", op, got)
+		}
+		if got := mustValue(t, m, "cryptnbd_disk_bytes_total", l); got != 2*n {
+			t.Errorf("%s bytes = %v, want %v", op, got, 2*n)
+		}
+	}
+	if got := mustValue(t, m, "cryptnbd_disk_requests_in_flight", map[string]string{"disk": "d"}); got != 0 {
+		t.Errorf("in flight after the calls = %v, want 0", got)
+	}
+	if r, w, ro, wo := m.DiskCounters("d"); r != 2*4096 || w != 2*512 || ro != 2 || wo != 2 {
+		t.Errorf("DiskCounters = %d, %d, %d, %d; want 8192, 1024, 2, 2", r, w, ro, wo)
 	}
 }

@@ -41,3 +41,23 @@ type Backend interface {
 	// export is served; connections see the size from their handshake.
 	Size() int64
 }
+
+// NoWaitBackend is a Backend that can try a READ or WRITE without waiting,
+// as preadv2 with RWF_NOWAIT does. The server tries small requests this way
+// on the connection's reader goroutine and answers them from there, which
+// saves handing each to a worker and then to the writer: on a loaded
+// machine those two wake-ups cost as much as a 4 KiB request's own work.
+// Whatever would have to wait goes to the workers as before.
+//
+// The Try methods must not block: not for a lock another request may hold,
+// nor for a device, nor for a suspended key. A request that gets false is
+// then made through ReadAt or WriteAt from a worker.
+type NoWaitBackend interface {
+	Backend
+	// TryReadAt is ReadAt where that can complete without waiting, and
+	// false at once where it cannot; p's contents then do not matter.
+	TryReadAt(ctx context.Context, p []byte, off int64) (bool, error)
+	// TryWriteAt is WriteAt where that can complete without waiting. With
+	// false it has written nothing and left p as it was.
+	TryWriteAt(ctx context.Context, p []byte, off int64) (bool, error)
+}

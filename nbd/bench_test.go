@@ -12,8 +12,10 @@ import (
 )
 
 // BenchmarkRequest measures the request path: a pipelined Go client over a
-// Unix socket against a Null backend, 16 requests in flight. Neither side
-// allocates per request in steady state, so allocs/op should be 0.
+// Unix socket against a Null backend, 16 requests in flight; the "nowait"
+// cases against a NoWaitNull, whose small requests the reader serves
+// itself. Neither side allocates per request in steady state, so allocs/op
+// should be 0.
 func BenchmarkRequest(b *testing.B) {
 	cases := []struct {
 		name       string
@@ -22,24 +24,33 @@ func BenchmarkRequest(b *testing.B) {
 		structured bool
 		tls        bool // over TLS (STARTTLS)
 		idle       bool // with Options.IdleTimeout set
+		nowait     bool // against a NoWaitBackend
 	}{
-		{"read/4KiB", cmdRead, 4 << 10, false, false, false},
-		{"read/1MiB", cmdRead, 1 << 20, false, false, false},
-		{"read-structured/4KiB", cmdRead, 4 << 10, true, false, false},
-		{"write/4KiB", cmdWrite, 4 << 10, false, false, false},
-		{"write/1MiB", cmdWrite, 1 << 20, false, false, false},
-		{"flush", cmdFlush, 0, false, false, false},
-		{"read-idle-timeout/4KiB", cmdRead, 4 << 10, false, false, true},
-		{"read-tls/4KiB", cmdRead, 4 << 10, false, true, false},
-		{"read-tls/1MiB", cmdRead, 1 << 20, false, true, false},
-		{"write-tls/4KiB", cmdWrite, 4 << 10, false, true, false},
-		{"write-tls/1MiB", cmdWrite, 1 << 20, false, true, false},
+		{"read/4KiB", cmdRead, 4 << 10, false, false, false, false},
+		{"read/1MiB", cmdRead, 1 << 20, false, false, false, false},
+		{"read-structured/4KiB", cmdRead, 4 << 10, true, false, false, false},
+		{"write/4KiB", cmdWrite, 4 << 10, false, false, false, false},
+		{"write/1MiB", cmdWrite, 1 << 20, false, false, false, false},
+		{"flush", cmdFlush, 0, false, false, false, false},
+		{"read-idle-timeout/4KiB", cmdRead, 4 << 10, false, false, true, false},
+		{"read-tls/4KiB", cmdRead, 4 << 10, false, true, false, false},
+		{"read-tls/1MiB", cmdRead, 1 << 20, false, true, false, false},
+		{"write-tls/4KiB", cmdWrite, 4 << 10, false, true, false, false},
+		{"write-tls/1MiB", cmdWrite, 1 << 20, false, true, false, false},
+		{"read-nowait/4KiB", cmdRead, 4 << 10, false, false, false, true},
+		{"read-nowait-structured/4KiB", cmdRead, 4 << 10, true, false, false, true},
+		{"write-nowait/4KiB", cmdWrite, 4 << 10, false, false, false, true},
+		{"read-nowait-tls/4KiB", cmdRead, 4 << 10, false, true, false, true},
 	}
 	pki := newPKI(b)
 	for _, bc := range cases {
 		b.Run(bc.name, func(b *testing.B) {
 			cat := nbdtest.NewCatalog()
-			cat.Add(nbd.ExportInfo{Name: "null"}, nbdtest.Null{SizeBytes: 1 << 30})
+			var be nbd.Backend = nbdtest.Null{SizeBytes: 1 << 30}
+			if bc.nowait {
+				be = nbdtest.NoWaitNull{Null: nbdtest.Null{SizeBytes: 1 << 30}}
+			}
+			cat.Add(nbd.ExportInfo{Name: "null"}, be)
 			e := &env{cat: cat}
 			o := nbd.Options{}
 			if bc.idle {

@@ -1,5 +1,5 @@
 // Package nbdtest provides test doubles for the nbd package: an in-memory
-// Backend with sparse allocation and failure injection, a no-op Backend
+// Backend with sparse allocation and failure injection, no-op Backends
 // for benchmarks, and a map-backed Catalog.
 package nbdtest
 
@@ -40,6 +40,9 @@ type fault struct {
 // are holes that read as zeros, Trim and Zero without noHole free whole
 // chunks, and Extents reports holes per chunk. Mem is safe for concurrent
 // use; a RWMutex serialises writes against reads.
+//
+// Mem is an nbd.NoWaitBackend too: its Try methods serve a request unless
+// the mutex is held against it or SetNoWait turned them off.
 type Mem struct {
 	size int64
 
@@ -49,6 +52,9 @@ type Mem struct {
 
 	flushes atomic.Int64
 	writes  atomic.Int64
+
+	noWaitOff atomic.Bool
+	tried     atomic.Int64 // Try calls that completed the request
 }
 
 // NewMem returns an empty (all-hole) disk of size bytes.
@@ -78,6 +84,13 @@ func (m *Mem) Flushes() int64 { return m.flushes.Load() }
 // Writes reports how many times WriteAt was called, failed calls
 // included, so that a test can tell that a request never reached it.
 func (m *Mem) Writes() int64 { return m.writes.Load() }
+
+// SetNoWait turns the Try methods on (the default) or off; off, they
+// decline every request, as a backend that always has to wait would.
+func (m *Mem) SetNoWait(on bool) { m.noWaitOff.Store(!on) }
+
+// ServedNoWait reports how many requests the Try methods completed.
+func (m *Mem) ServedNoWait() int64 { return m.tried.Load() }
 
 // Allocated reports whether the chunk holding off is allocated.
 func (m *Mem) Allocated(off int64) bool {
@@ -118,6 +131,26 @@ func (m *Mem) ReadAt(ctx context.Context, p []byte, off int64) error {
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
+	return m.readLocked(p, off)
+}
+
+// TryReadAt implements nbd.NoWaitBackend.
+func (m *Mem) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if m.noWaitOff.Load() {
+		return false, nil
+	}
+	if err := m.check(off, int64(len(p))); err != nil {
+		return true, err
+	}
+	if !m.mu.TryRLock() {
+		return false, nil
+	}
+	defer m.mu.RUnlock()
+	m.tried.Add(1)
+	return true, m.readLocked(p, off)
+}
+
+func (m *Mem) readLocked(p []byte, off int64) error {
 	if err := m.faultLocked(OpRead, off, int64(len(p))); err != nil {
 		return err
 	}
@@ -142,6 +175,24 @@ func (m *Mem) WriteAt(ctx context.Context, p []byte, off int64) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	return m.writeLocked(p, off)
+}
+
+// TryWriteAt implements nbd.NoWaitBackend.
+func (m *Mem) TryWriteAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if m.noWaitOff.Load() || !m.mu.TryLock() {
+		return false, nil
+	}
+	defer m.mu.Unlock()
+	m.writes.Add(1)
+	m.tried.Add(1)
+	if err := m.check(off, int64(len(p))); err != nil {
+		return true, err
+	}
+	return true, m.writeLocked(p, off)
+}
+
+func (m *Mem) writeLocked(p []byte, off int64) error {
 	if err := m.faultLocked(OpWrite, off, int64(len(p))); err != nil {
 		return err
 	}
@@ -291,3 +342,13 @@ func (Null) Extents(_ context.Context, _, length int64, fn func(int64, bool) boo
 	fn(length, true)
 	return nil
 }
+
+// NoWaitNull is Null as an nbd.NoWaitBackend whose Try methods serve every
+// request, for benchmarks of the path where the reader serves them.
+type NoWaitNull struct{ Null }
+
+// TryReadAt implements nbd.NoWaitBackend without touching p.
+func (NoWaitNull) TryReadAt(context.Context, []byte, int64) (bool, error) { return true, nil }
+
+// TryWriteAt implements nbd.NoWaitBackend.
+func (NoWaitNull) TryWriteAt(context.Context, []byte, int64) (bool, error) { return true, nil }

@@ -602,9 +602,11 @@ func (m *Manager) Export(ctx context.Context, name string) (*nbd.Export, error) 
 		return nil, fmt.Errorf("%w: %q", nbd.ErrUnknownExport, name)
 	}
 	e.conns.Add(1)
-	var backend nbd.Backend = e.disk
+	// A Disk lets the server answer small requests from the connection's
+	// reader where its store never waits; the metrics wrapper keeps that.
+	var backend nbd.NoWaitBackend = e.disk
 	if mx := m.cfg.Metrics; mx != nil {
-		backend = mx.WrapBackend(name, e.disk)
+		backend = mx.WrapBackend(name, e.disk).(nbd.NoWaitBackend)
 		mx.ConnOpened(name)
 	}
 	info := m.exportInfoLocked(e)
