@@ -92,16 +92,18 @@
 // flushes whenever its queue is empty. In steady state the request path
 // does not allocate.
 //
-// Where the export's Backend is a NoWaitBackend, the reader first tries a
-// READ or WRITE of up to 64 KiB without FUA through its Try method, which
-// completes the request only if nothing would make it wait, and then
-// writes the reply itself, sharing the socket's bufio.Writer with the
-// writer under a mutex. That saves the two goroutine hand-offs, which on a
-// busy machine cost as much as a 4 KiB request's own work. The reader
-// flushes its replies before anything that may block it: reading a
-// request that is not yet buffered, or waiting for a request slot or for
-// payload bytes. A request the backend declines goes to the workers as
-// any other.
+// Where the export's Backend is a NoWaitBackend and the connection is not
+// TLS, the reader first tries a READ or WRITE of up to 64 KiB without FUA
+// through its Try method, which completes the request only if nothing
+// would make it wait, and then writes the reply itself, sharing the
+// socket's bufio.Writer with the writer under a mutex. That saves the two
+// goroutine hand-offs, which on a busy machine cost as much as a 4 KiB
+// request's own work. The reader flushes its replies before anything that
+// may block it: reading a request that is not yet buffered, or waiting
+// for a request slot or for payload bytes. A request the backend declines
+// goes to the workers as any other. Over TLS the reader gets requests a
+// record at a time and would seal many small records; there the workers
+// and the writer serve every request.
 //
 // # Shutdown
 //

@@ -269,6 +269,11 @@ func TestTLSModes(t *testing.T) {
 		if got, errno := c.readData(4096, 5); errno != 0 || string(got) != "hello" {
 			t.Errorf("read over TLS: %q errno %d", got, errno)
 		}
+		// Over TLS the reader leaves requests to the workers (see
+		// startTransmission).
+		if n := e.disk.ServedNoWait(); n != 0 {
+			t.Errorf("%d requests over TLS served by the reader", n)
+		}
 		if got := ref.list(); !slices.Equal(got, []string{nbd.RefusedTLSRequired}) {
 			t.Errorf("refusals %v, want one %s", got, nbd.RefusedTLSRequired)
 		}
@@ -283,6 +288,9 @@ func TestTLSModes(t *testing.T) {
 		c.goExport("disk")
 		if got, errno := c.readData(0, 5); errno != 0 || string(got) != "plain" {
 			t.Errorf("read over TLS: %q errno %d", got, errno)
+		}
+		if n := e.disk.ServedNoWait(); n != 1 {
+			t.Errorf("ServedNoWait() = %d, want 1: the plain write only", n)
 		}
 	})
 }
