@@ -267,10 +267,19 @@ start_qemu-nbd() {
 	SPID=$!
 }
 
+# qemu-img times its PBKDF with the thread's CPU clock and now and then
+# gives up ("Unable to get accurate CPU usage") on a busy machine: retried.
 prepare_qemu-nbd-luks() {
-	qemu-img create -q -f luks --object secret,id=sec0,data="$PASS" \
-		-o key-secret=sec0,iter-time=10,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256 \
-		"$W/qluks.img" "$SIZE_BYTES"
+	local try
+	for try in 1 2 3; do
+		rm -f "$W/qluks.img"
+		qemu-img create -q -f luks --object secret,id=sec0,data="$PASS" \
+			-o key-secret=sec0,iter-time=10,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256 \
+			"$W/qluks.img" "$SIZE_BYTES" && return 0
+		log "qemu-img create failed (attempt $try of 3)"
+		sleep 1
+	done
+	return 1
 }
 start_qemu-nbd-luks() {
 	qemu-nbd -t --shared=16 -x "$EXPORT" -b 127.0.0.1 -p "$P" \
