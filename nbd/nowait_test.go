@@ -61,13 +61,20 @@ func TestNoWaitServedByReader(t *testing.T) {
 					t.Errorf("ServedNoWait() = %d, want %d", got, served)
 				}
 
-				// Pipelined: 64 requests in flight at once, mixed sizes,
-				// the replies in any order.
+				// Pipelined: 64 requests in flight at once, the replies in
+				// any order: six of 128 KiB for the workers at the start of
+				// the disk, the rest small ones after them, none
+				// overlapping another (their order would be undefined).
 				const n = 64
-				sizes := []uint32{4096, 512, 64 << 10, 128 << 10}
+				var bigs, smalls uint64
 				for i := range n {
-					size := sizes[i%len(sizes)]
-					off := uint64(i) * (128 << 10) % (diskSize - 128<<10)
+					size, off := uint32(4096>>(i%2*3)), 768<<10+smalls*4096
+					if i%10 == 0 {
+						size, off = 128<<10, bigs*(128<<10)
+						bigs++
+					} else {
+						smalls++
+					}
 					data := bytes.Repeat([]byte{byte(0x80 + i)}, int(size))
 					copy(want[off:], data)
 					c.request(0, cmdWrite, uint64(i), off, size, data)
