@@ -343,7 +343,10 @@ func Run(ctx context.Context, cfg ServeConfig) (err error) {
 	})
 	for _, l := range nbdLs {
 		wg.Go(func() {
-			if err := srv.Serve(ctx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+			// Serve returns ctx's error when a signal ends the daemon; that
+			// is the shutdown asked for, not a listener failing, and must
+			// not race ctx.Done in the select below into exit status 1.
+			if err := srv.Serve(ctx, l); err != nil && !errors.Is(err, nbd.ErrServerClosed) && ctx.Err() == nil {
 				errc <- fmt.Errorf("nbd: %w", err)
 			}
 		})
