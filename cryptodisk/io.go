@@ -12,8 +12,7 @@ import (
 // ReadAt decrypts len(p) bytes from off into p. Sectors whose ciphertext is
 // all zeros read as zeros (see the package doc).
 func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
-	_, err := d.readAt(ctx, p, off, false)
-	return err
+	return d.readAt(ctx, p, off, false)
 }
 
 // TryReadAt is ReadAt for a caller that must not wait. Where the read would
@@ -25,26 +24,35 @@ func (d *Disk) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error)
 	if d.noWait == nil {
 		return false, nil
 	}
-	return d.readAt(ctx, p, off, true)
+	return tried(d.readAt(ctx, p, off, true))
 }
 
 // errWouldWait stops a no-wait request that met something it would have to
-// wait for; it never leaves the package.
+// wait for; tried turns it into the Try methods' false, so it never leaves
+// the package.
 var errWouldWait = errors.New("cryptodisk: request would wait")
 
-func (d *Disk) readAt(ctx context.Context, p []byte, off int64, noWait bool) (bool, error) {
+func tried(err error) (bool, error) {
+	if err == errWouldWait {
+		return false, nil
+	}
+	return true, err
+}
+
+// readAt is ReadAt, and with noWait TryReadAt up to tried.
+func (d *Disk) readAt(ctx context.Context, p []byte, off int64, noWait bool) error {
 	if err := d.checkRange(off, int64(len(p)), syscall.EINVAL); err != nil {
-		return true, err
+		return err
 	}
 	c, err := d.pass(ctx, noWait)
-	if c == nil {
-		return err != nil, err
+	if err != nil {
+		return err
 	}
 	defer d.gmu.RUnlock()
 	ss := d.sectorSize
 	end := off + int64(len(p))
 	if end == off {
-		return true, nil
+		return nil
 	}
 	// A shared hold on the stripes keeps a partial-sector read-modify-write
 	// of another request out of these sectors while they are read: a store
@@ -53,7 +61,7 @@ func (d *Disk) readAt(ctx context.Context, p []byte, off int64, noWait bool) (bo
 	// bytes the writer did not touch.
 	locks, ok := d.lockRange(off/ss, (end-1)/ss, false, false, noWait)
 	if !ok {
-		return false, nil
+		return errWouldWait
 	}
 	defer locks.unlock()
 	// Head and tail sectors only partly wanted go through a bounce buffer;
@@ -72,27 +80,30 @@ func (d *Disk) readAt(ctx context.Context, p []byte, off int64, noWait bool) (bo
 			}
 			d.sectorBufs.Put(bp)
 			if err != nil {
-				return err != errWouldWait, err
+				return err
 			}
 			p, off = p[n:], off+n
 			continue
 		}
 		n := (end - off) / ss * ss
 		if err := d.readSectors(ctx, c, p[:n], sector, noWait); err != nil {
-			return err != errWouldWait, err
+			return err
 		}
 		p, off = p[n:], off+n
 	}
-	return true, nil
+	return nil
 }
 
-// pass takes the gate for a request: enter, or with noWait tryEnter, where
-// a nil cipher and error mean the request would have to wait.
+// pass takes the gate for a request: enter, or with noWait tryEnter, which
+// fails with errWouldWait.
 func (d *Disk) pass(ctx context.Context, noWait bool) (SectorCipher, error) {
-	if noWait {
-		return d.tryEnter(), nil
+	if !noWait {
+		return d.enter(ctx)
 	}
-	return d.enter(ctx)
+	if c := d.tryEnter(); c != nil {
+		return c, nil
+	}
+	return nil, errWouldWait
 }
 
 // readSectors reads whole sectors starting at sector and decrypts them into
@@ -195,8 +206,7 @@ func lentFault(r any, lent []byte) error {
 // ciphertext (or unchanged, where the store lent its pages), so the caller
 // must not use its contents afterwards.
 func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
-	_, err := d.writeAt(ctx, p, off, false)
-	return err
+	return d.writeAt(ctx, p, off, false)
 }
 
 // TryWriteAt is WriteAt for a caller that must not wait. It takes writes of
@@ -208,47 +218,46 @@ func (d *Disk) TryWriteAt(ctx context.Context, p []byte, off int64) (bool, error
 	if !d.noWaitWrites || off%d.sectorSize != 0 || int64(len(p))%d.sectorSize != 0 {
 		return false, nil
 	}
-	return d.writeAt(ctx, p, off, true)
+	return tried(d.writeAt(ctx, p, off, true))
 }
 
-func (d *Disk) writeAt(ctx context.Context, p []byte, off int64, noWait bool) (bool, error) {
+// writeAt is WriteAt, and with noWait TryWriteAt up to tried.
+func (d *Disk) writeAt(ctx context.Context, p []byte, off int64, noWait bool) error {
 	if err := d.checkRange(off, int64(len(p)), syscall.ENOSPC); err != nil {
-		return true, err
+		return err
 	}
 	if len(p) == 0 {
 		// write would take an unaligned empty range for a partial sector
 		// and, with p nil, zero the rest of it.
-		return true, nil
+		return nil
 	}
 	c, err := d.pass(ctx, noWait)
-	if c == nil {
-		return err != nil, err
+	if err != nil {
+		return err
 	}
 	defer d.gmu.RUnlock()
-	if noWait {
-		if !d.wmu.TryRLock() {
-			return false, nil
-		}
-	} else {
+	if !noWait {
 		d.wmu.RLock()
+	} else if !d.wmu.TryRLock() {
+		return errWouldWait
 	}
 	defer d.wmu.RUnlock()
-	if done, err := d.write(ctx, c, p, off, noWait); !done || err != nil {
-		return done, err
+	if err := d.write(ctx, c, p, off, noWait); err != nil {
+		return err
 	}
 	// Counted while the gate is still held: Suspend cannot complete between
 	// the write and the count, so a suspended disk's count stands still.
 	d.writes.Add(1)
-	return true, nil
+	return nil
 }
 
 // write stores plaintext p at off. Partial head and tail sectors are read,
 // patched and rewritten under an exclusive stripe lock, whole ones under a
 // shared one (see lockRange). Whole sectors are encrypted straight into the
 // store's pages where it lends them, or in place in p and then written.
-// With noWait (whole sectors only) it returns false, having done nothing,
-// where it would wait for a stripe.
-func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, noWait bool) (bool, error) {
+// With noWait (whole sectors only) it returns errWouldWait, having done
+// nothing, where it would wait for a stripe.
+func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, noWait bool) error {
 	ss := d.sectorSize
 	end := off + int64(len(p))
 	first, last := off/ss, (end-1)/ss
@@ -258,23 +267,23 @@ func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, n
 	bodyEnd := end / ss * ss
 	locks, ok := d.lockRange(first, last, headPartial, tailPartial, noWait)
 	if !ok {
-		return false, nil
+		return errWouldWait
 	}
 	defer locks.unlock()
 	if headPartial {
 		n := min(ss-off%ss, end-off)
 		if err := d.patchSector(ctx, c, first, off%ss, p[:n]); err != nil {
-			return true, err
+			return err
 		}
 	}
 	if tailPartial && (last != first || !headPartial) {
 		n := end % ss
 		if err := d.patchSector(ctx, c, last, 0, p[len(p)-int(n):]); err != nil {
-			return true, err
+			return err
 		}
 	}
 	if bodyEnd <= bodyStart {
-		return true, nil
+		return nil
 	}
 	body := p[bodyStart-off : bodyEnd-off]
 	if d.lender != nil {
@@ -282,16 +291,16 @@ func (d *Disk) write(ctx context.Context, c SectorCipher, p []byte, off int64, n
 			err := d.encryptLent(c, dst, body, bodyStart/ss)
 			d.lender.Unlend()
 			if err != nil {
-				return true, fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
+				return fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
 			}
-			return true, nil
+			return nil
 		}
 	}
 	c.EncryptSectors(body, body, int(ss), uint64(bodyStart/ss)*d.tweakStep, d.tweakStep)
 	if err := d.store.WriteAt(ctx, body, d.dataOff+bodyStart); err != nil {
-		return true, fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
+		return fmt.Errorf("cryptodisk: write at %d: %w", bodyStart, err)
 	}
-	return true, nil
+	return nil
 }
 
 // patchSector is the read-modify-write of one partial sector. The caller
@@ -363,14 +372,13 @@ func (l *stripeLock) lock(from, to int, try bool) bool {
 		s := &l.d.stripes[i]
 		excl := i == l.head || i == l.tail
 		switch {
-		case try && !(excl && s.TryLock() || !excl && s.TryRLock()):
+		case !try && excl:
+			s.Lock()
+		case !try:
+			s.RLock()
+		case excl && !s.TryLock(), !excl && !s.TryRLock():
 			l.release(from, i-1)
 			return false
-		case try:
-		case excl:
-			s.Lock()
-		default:
-			s.RLock()
 		}
 	}
 	return true

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -23,24 +24,29 @@ var (
 
 // hookedNoWait is a Hooked memory store that serves no-wait reads straight
 // from memory, so a test can hold a request inside the store while it
-// tries others beside it.
+// tries others beside it; with wait set they fail with EAGAIN, as a store
+// whose pages are not cached does.
 type hookedNoWait struct {
 	*cryptodisktest.Hooked
-	mem *memstore.Store
+	mem  *memstore.Store
+	wait *atomic.Bool
 }
 
 func (h hookedNoWait) ReadAtNoWait(ctx context.Context, p []byte, off int64) error {
+	if h.wait.Load() {
+		return fmt.Errorf("hookedNoWait: not cached: %w", syscall.EAGAIN)
+	}
 	return h.mem.ReadAtNoWait(ctx, p, off)
 }
 
 func (hookedNoWait) InMemory() bool { return true }
 
-func newHookedNoWait(t *testing.T, ss int) (*cryptodisk.Disk, *cryptodisktest.Hooked, *cryptodisktest.Keys) {
+func newHookedNoWait(t *testing.T, ss int) (*cryptodisk.Disk, hookedNoWait, *cryptodisktest.Keys) {
 	t.Helper()
 	mem := memstore.New(0)
-	h := cryptodisktest.Hook(mem)
+	h := hookedNoWait{cryptodisktest.Hook(mem), mem, new(atomic.Bool)}
 	keys := cryptodisktest.NewKeys(testSeed)
-	return create(t, hookedNoWait{h, mem}, keys, ss, diskSize, cryptodisk.Options{}), h, keys
+	return create(t, h, keys, ss, diskSize, cryptodisk.Options{}), h, keys
 }
 
 // TestTryMatchesBlocking: what TryReadAt and TryWriteAt serve is exactly
@@ -133,10 +139,11 @@ func TestTryMatchesBlocking(t *testing.T) {
 	}
 }
 
-// TestTryNeverWaits: where ReadAt or WriteAt would wait (a suspended key,
-// Suspend waiting for the gate, a stripe held by a read-modify-write) the
-// Try methods return false at once, change nothing and are not counted as
-// held; where nothing stands in the way, they serve.
+// TestTryNeverWaits: where ReadAt or WriteAt would wait (a store that would
+// have to read from its device, a suspended key, Suspend waiting for the
+// gate, a stripe held by a read-modify-write) the Try methods return false
+// and no error at once, change nothing and are not counted as held; where
+// nothing stands in the way, they serve.
 func TestTryNeverWaits(t *testing.T) {
 	d, h, keys := newHookedNoWait(t, 4096)
 	ctx := context.Background()
@@ -183,6 +190,12 @@ func TestTryNeverWaits(t *testing.T) {
 			t.Fatalf("%s read the wrong data", what)
 		}
 	}
+
+	// The store's own EAGAIN is a decline, not an error.
+	h.wait.Store(true)
+	try("TryReadAt of pages the store would wait for", true, 0, false)
+	h.wait.Store(false)
+	try("TryReadAt of the same pages cached", true, 0, true)
 
 	// A partial-sector write stopped inside the store holds sector 2's
 	// stripe exclusively.
