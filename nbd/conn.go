@@ -396,9 +396,7 @@ func (c *conn) tryInline(r *request) bool {
 	if !c.tryDo(r) {
 		return false
 	}
-	c.wmu.Lock()
 	c.send(r)
-	c.wmu.Unlock()
 	c.release(r)
 	c.unflushed++
 	return true
@@ -433,9 +431,7 @@ func (c *conn) flushInline() {
 	if c.unflushed == 0 {
 		return
 	}
-	c.wmu.Lock()
 	c.flush(c.unflushed)
-	c.wmu.Unlock()
 	c.unflushed = 0
 }
 
@@ -477,9 +473,9 @@ func (c *conn) watchIdle() {
 // buffer of r.length bytes.
 func (c *conn) chargeBuf(r *request) bool {
 	n := int64(r.length)
-	if !c.bytes.tryAcquire(n) {
+	if !c.bytes.acquire(n, false) {
 		c.flushInline()
-		if !c.bytes.acquire(n) {
+		if !c.bytes.acquire(n, true) {
 			return false
 		}
 	}
@@ -672,34 +668,30 @@ func (c *conn) writer() {
 		select {
 		case r, ok = <-c.replies:
 		default:
-			c.wmu.Lock()
 			c.flush(pending)
-			c.wmu.Unlock()
 			pending = 0
 			r, ok = <-c.replies
 		}
 		if !ok {
-			c.wmu.Lock()
 			c.flush(pending)
-			c.wmu.Unlock()
 			return
 		}
-		c.wmu.Lock()
 		c.send(r)
-		c.wmu.Unlock()
 		c.release(r)
 		pending++
 	}
 }
 
 // flush writes out buffered replies, then counts the n requests behind
-// them as no longer in flight. The caller holds wmu.
+// them as no longer in flight.
 func (c *conn) flush(n int) {
+	c.wmu.Lock()
 	if c.writeErr == nil {
 		if err := c.bw.Flush(); err != nil {
 			c.failWrite(err)
 		}
 	}
+	c.wmu.Unlock()
 	if n == 0 {
 		return
 	}
@@ -712,6 +704,8 @@ func (c *conn) flush(n int) {
 	}
 }
 
+// failWrite records a socket write error and closes the connection. The
+// caller holds wmu.
 func (c *conn) failWrite(err error) {
 	c.writeErr = err
 	c.log.Debug("nbd: write reply failed", "err", err)
@@ -729,8 +723,10 @@ func (c *conn) release(r *request) {
 }
 
 // send writes one reply into the buffered writer. A panic closes the
-// connection. The caller holds wmu.
+// connection.
 func (c *conn) send(r *request) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
 	if c.writeErr != nil {
 		return
 	}
@@ -845,35 +841,25 @@ func (s *byteSem) init(b *byteBudget, max int64) {
 	s.b, s.max = b, max
 }
 
-func (s *byteSem) full(n int64) bool {
-	return s.used+n > s.max || (s.b.max > 0 && s.b.used+n > s.b.max)
+// admits reports whether n more bytes may be taken now: they fit both
+// bounds, or this connection holds nothing. The caller holds b.mu.
+func (s *byteSem) admits(n int64) bool {
+	return s.used == 0 || s.used+n <= s.max && (s.b.max == 0 || s.b.used+n <= s.b.max)
 }
 
-// tryAcquire takes n bytes if acquire would not have to wait for them.
-func (s *byteSem) tryAcquire(n int64) bool {
+// acquire takes n bytes once they are admitted, waiting for that if wait
+// is set; it returns false if they are not admitted without waiting, or
+// once the connection is closed.
+func (s *byteSem) acquire(n int64, wait bool) bool {
 	b := s.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if s.closed || (s.used > 0 && s.full(n)) {
-		return false
-	}
-	s.used += n
-	b.used += n
-	return true
-}
-
-// acquire waits until n more bytes fit both bounds, or this connection
-// holds nothing; it returns false once the connection is closed.
-func (s *byteSem) acquire(n int64) bool {
-	b := s.b
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for !s.closed && s.used > 0 && s.full(n) {
+	for wait && !s.closed && !s.admits(n) {
 		b.waiting++
 		b.cond.Wait()
 		b.waiting--
 	}
-	if s.closed {
+	if s.closed || !s.admits(n) {
 		return false
 	}
 	s.used += n
