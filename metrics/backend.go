@@ -101,7 +101,8 @@ func (m *Metrics) disk(name string) *diskIO {
 // the same disk more than once (say per connection) shares the counters.
 // The wrapper allocates nothing per request. Where b is a NoWaitBackend
 // so is the wrapper; a Try call is counted only if it served the request,
-// since one that declined is made again through ReadAt or WriteAt.
+// since one that declined is made again through ReadAt or WriteAt, and
+// never in flight.
 func (m *Metrics) WrapBackend(disk string, b Backend) Backend {
 	w := &backend{next: b, d: m.disk(disk)}
 	if nw, ok := b.(NoWaitBackend); ok {
@@ -157,9 +158,15 @@ func (b *backend) begin() time.Time {
 }
 
 func (b *backend) end(o op, start time.Time, n int64, err error) {
+	b.d.inFlight.Dec()
+	b.count(o, start, n, err)
+}
+
+// count records one finished request of op o: its duration, its result,
+// and for successful ones its bytes.
+func (b *backend) count(o op, start time.Time, n int64, err error) {
 	s := &b.d.ops[o]
 	s.duration.Observe(time.Since(start).Seconds())
-	b.d.inFlight.Dec()
 	if err != nil {
 		s.failed.Inc()
 		return
@@ -168,65 +175,54 @@ func (b *backend) end(o op, start time.Time, n int64, err error) {
 	if s.bytes != nil && n > 0 {
 		s.bytes.Add(float64(n))
 	}
+	switch o {
+	case opRead:
+		b.d.readBytes.Add(uint64(n))
+		b.d.readOps.Add(1)
+	case opWrite:
+		b.d.writeBytes.Add(uint64(n))
+		b.d.writeOps.Add(1)
+	}
 }
 
 func (b *backend) ReadAt(ctx context.Context, p []byte, off int64) error {
 	start := b.begin()
 	err := b.next.ReadAt(ctx, p, off)
-	b.endRead(start, len(p), err)
+	b.end(opRead, start, int64(len(p)), err)
 	return err
-}
-
-func (b *backend) endRead(start time.Time, n int, err error) {
-	b.end(opRead, start, int64(n), err)
-	if err == nil {
-		b.d.readBytes.Add(uint64(n))
-		b.d.readOps.Add(1)
-	}
 }
 
 func (b *backend) WriteAt(ctx context.Context, p []byte, off int64) error {
 	n := len(p) // WriteAt may scribble on p, but not change its length
 	start := b.begin()
 	err := b.next.WriteAt(ctx, p, off)
-	b.endWrite(start, n, err)
+	b.end(opWrite, start, int64(n), err)
 	return err
 }
 
-func (b *backend) endWrite(start time.Time, n int, err error) {
-	b.end(opWrite, start, int64(n), err)
-	if err == nil {
-		b.d.writeBytes.Add(uint64(n))
-		b.d.writeOps.Add(1)
-	}
-}
-
 // noWaitBackend is backend for a next that can try requests without
-// waiting.
+// waiting. A Try call never waits, so it is not counted in flight; one
+// that declined costs only the clock read.
 type noWaitBackend struct {
 	*backend
 	next NoWaitBackend
 }
 
 func (b *noWaitBackend) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
-	start := b.begin()
+	start := time.Now()
 	done, err := b.next.TryReadAt(ctx, p, off)
 	if done {
-		b.endRead(start, len(p), err)
-	} else {
-		b.d.inFlight.Dec()
+		b.count(opRead, start, int64(len(p)), err)
 	}
 	return done, err
 }
 
 func (b *noWaitBackend) TryWriteAt(ctx context.Context, p []byte, off int64) (bool, error) {
 	n := len(p)
-	start := b.begin()
+	start := time.Now()
 	done, err := b.next.TryWriteAt(ctx, p, off)
 	if done {
-		b.endWrite(start, n, err)
-	} else {
-		b.d.inFlight.Dec()
+		b.count(opWrite, start, int64(n), err)
 	}
 	return done, err
 }
