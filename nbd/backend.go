@@ -43,11 +43,12 @@ type Backend interface {
 }
 
 // NoWaitBackend is a Backend that can try a READ or WRITE without waiting,
-// as preadv2 with RWF_NOWAIT does. The server tries small requests this way
-// on the connection's reader goroutine and answers them from there, which
+// as preadv2 with RWF_NOWAIT does. The server tries requests this way on
+// the connection's reader goroutine and answers them from there, which
 // saves handing each to a worker and then to the writer: on a loaded
-// machine those two wake-ups cost as much as a 4 KiB request's own work.
-// Whatever would have to wait goes to the workers as before.
+// machine those two wake-ups cost as much as a 4 KiB request's own work,
+// and a 1 MiB payload that stays on one core is cheaper to encrypt and to
+// copy. Whatever would have to wait goes to the workers as before.
 //
 // The Try methods must not block: not for a lock another request may hold,
 // nor for a device, nor for a suspended key. A request that gets false is

@@ -93,12 +93,14 @@
 // does not allocate.
 //
 // Where the export's Backend is a NoWaitBackend and the connection is not
-// TLS, the reader first tries a READ or WRITE of up to 64 KiB without FUA
-// through its Try method, which completes the request only if nothing
-// would make it wait, and then writes the reply itself, sharing the
-// socket's bufio.Writer with the writer under a mutex. That saves the two
-// goroutine hand-offs, which on a busy machine cost as much as a 4 KiB
-// request's own work. The reader flushes its replies before anything that
+// TLS, the reader first tries a READ or WRITE without FUA through its Try
+// method, which completes the request only if nothing would make it wait,
+// and then writes the reply itself, sharing the socket's bufio.Writer with
+// the writer under a mutex. That saves the two goroutine hand-offs, which
+// on a busy machine cost as much as a 4 KiB request's own work, and keeps a
+// large payload in one core's cache from the socket through the backend.
+// Such requests of one connection are served one after another; the
+// workers serve the rest concurrently. The reader flushes its replies before anything that
 // may block it: reading a request that is not yet buffered, or waiting
 // for a request slot or for payload bytes. A request the backend declines
 // goes to the workers as any other. Over TLS the reader gets requests a

@@ -13,8 +13,8 @@ import (
 
 var _ nbd.NoWaitBackend = (*nbdtest.Mem)(nil)
 
-// TestNoWaitServedByReader: with a NoWaitBackend, READs and WRITEs of up
-// to 64 KiB without FUA are served through the Try methods, and everything
+// TestNoWaitServedByReader: with a NoWaitBackend, READs and WRITEs of any
+// size without FUA are served through the Try methods, and everything
 // else, or all of it once the backend declines, through the workers; the
 // data and the replies are the same either way, in both reply styles.
 func TestNoWaitServedByReader(t *testing.T) {
@@ -33,8 +33,8 @@ func TestNoWaitServedByReader(t *testing.T) {
 					{0, 4096, 4096, true},
 					{0, 100, 333, true},
 					{0, 0, 64 << 10, true},
-					{0, 64 << 10, 64<<10 + 512, false}, // too large
-					{flagFUA, 200 << 10, 4096, false},  // FUA flushes, which may wait
+					{0, 64 << 10, 512<<10 + 512, true},
+					{flagFUA, 700 << 10, 4096, false}, // FUA flushes, which may wait
 				}
 				want := make([]byte, diskSize)
 				served := 0
@@ -62,22 +62,23 @@ func TestNoWaitServedByReader(t *testing.T) {
 				}
 
 				// Pipelined: 64 requests in flight at once, the replies in
-				// any order: six of 128 KiB for the workers at the start of
-				// the disk, the rest small ones after them, none
-				// overlapping another (their order would be undefined).
+				// any order: seven of 64 KiB with FUA for the workers at
+				// the start of the disk, the rest small ones after them,
+				// none overlapping another (their order would be
+				// undefined).
 				const n = 64
 				var bigs, smalls uint64
 				for i := range n {
-					size, off := uint32(4096>>(i%2*3)), 768<<10+smalls*4096
+					flags, size, off := uint16(0), uint32(4096>>(i%2*3)), 512<<10+smalls*4096
 					if i%10 == 0 {
-						size, off = 128<<10, bigs*(128<<10)
+						flags, size, off = flagFUA, 64<<10, bigs*(64<<10)
 						bigs++
 					} else {
 						smalls++
 					}
 					data := bytes.Repeat([]byte{byte(0x80 + i)}, int(size))
 					copy(want[off:], data)
-					c.request(0, cmdWrite, uint64(i), off, size, data)
+					c.request(flags, cmdWrite, uint64(i), off, size, data)
 				}
 				for range n {
 					if r := c.readReply(0); r.errno != 0 {
@@ -96,8 +97,9 @@ func TestNoWaitServedByReader(t *testing.T) {
 	}
 }
 
-// bigReadsWait is a Mem whose READs of more than 64 KiB, which the server
-// hands to its workers, wait until release is closed.
+// bigReadsWait is a Mem whose READs of more than 64 KiB wait until release
+// is closed; its Try method declines them, so the server hands them to its
+// workers.
 type bigReadsWait struct {
 	*nbdtest.Mem
 	arrived chan struct{}
@@ -114,6 +116,13 @@ func (b *bigReadsWait) ReadAt(ctx context.Context, p []byte, off int64) error {
 		}
 	}
 	return b.Mem.ReadAt(ctx, p, off)
+}
+
+func (b *bigReadsWait) TryReadAt(ctx context.Context, p []byte, off int64) (bool, error) {
+	if len(p) > 64<<10 {
+		return false, nil
+	}
+	return b.Mem.TryReadAt(ctx, p, off)
 }
 
 // TestNoWaitRepliesNotHeld: a reply the reader wrote is sent before the
