@@ -40,7 +40,7 @@ func cmdServe(ctx context.Context, args []string) error {
 	maxPerAddr := fs.Int("max-conns-per-addr", 64, "most NBD connections open at once from one source address (0: no limit)")
 	inflight := fs.String("max-inflight-bytes", "16M", "per connection: request payload bytes held at once; past it the server stops reading from that client (one request is always admitted, so 32 MiB requests still pass)")
 	inflightTotal := fs.String("max-inflight-total", "32M", "all connections together: request payload bytes held at once, most of the daemon's memory under load; past it connections wait (one holding nothing is still admitted one request). The Go heap's soft limit is set to this plus 32M unless GOMEMLIMIT is set")
-	loSndbuf := fs.String("loopback-send-buffer", "256K", "socket send buffer of NBD connections from this host (0: the kernel's autotuning); a small one makes large local reads cheaper")
+	loSndbuf := fs.String("loopback-send-buffer", "0", "cap on the socket send buffer of NBD connections from this host (0: the kernel's autotuning)")
 	mmap := fs.Bool("mmap", true, "with --store file: let the cipher read and write image pages already in the page cache through a shared mapping (writes only on tmpfs), saving a copy per request of 64K or more; those pages then count in the daemon's RSS (images beyond 32 TiB of address space in all are served unmapped)")
 	idle := fs.Duration("idle-timeout", 0, "close an NBD connection idle this long with nothing in flight (0: never)")
 	apiListen := fs.String("api-listen", "", "also serve the management API over HTTPS on this address, requiring a client certificate verified against --tls-ca (with --tls-cert and --tls-key)")
@@ -80,7 +80,7 @@ func cmdServe(ctx context.Context, args []string) error {
 	if err != nil || inflightTotalBytes < 1<<20 {
 		return usagef("--max-inflight-total %q: give a size of at least 1M", *inflightTotal)
 	}
-	loBytes := int64(-1) // nbd.Options: negative leaves the buffer to the kernel
+	var loBytes int64 // nbd.Options: 0 leaves the buffer to the kernel
 	if *loSndbuf != "0" {
 		loBytes, err = daemon.ParseSize(*loSndbuf)
 		if err != nil || loBytes < 64<<10 || loBytes > 1<<30 {
