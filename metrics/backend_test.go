@@ -130,14 +130,18 @@ func TestWrapBackendPassesDataThrough(t *testing.T) {
 	}
 }
 
+// TestWrapBackendInFlight: requests count in flight while the backend
+// has them, Try calls too (one serving 1 MiB takes about half a
+// millisecond).
 func TestWrapBackendInFlight(t *testing.T) {
 	m := metrics.New()
-	f := &fakeBackend{entered: make(chan struct{}), release: make(chan struct{})}
-	b := m.WrapBackend("d", f)
+	f := &tryBackend{fakeBackend: fakeBackend{entered: make(chan struct{}), release: make(chan struct{})}, serve: true}
+	b := m.WrapBackend("d", f).(metrics.NoWaitBackend)
+	ctx := context.Background()
 	var wg sync.WaitGroup
-	for range 3 {
-		wg.Go(func() { b.WriteAt(context.Background(), make([]byte, 512), 0) })
-	}
+	wg.Go(func() { b.WriteAt(ctx, make([]byte, 512), 0) })
+	wg.Go(func() { b.TryWriteAt(ctx, make([]byte, 512), 0) })
+	wg.Go(func() { b.TryReadAt(ctx, make([]byte, 512), 0) })
 	for range 3 {
 		<-f.entered
 	}

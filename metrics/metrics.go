@@ -70,7 +70,7 @@ func New() *Metrics {
 		}, []string{"disk", "op"}),
 		inFlight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: namespace, Subsystem: "disk", Name: "requests_in_flight",
-			Help: "Requests inside the disk backend right now, but for those answered without waiting (from the NBD connection's reader).",
+			Help: "Requests inside the disk backend right now.",
 		}, []string{"disk"}),
 		conns: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: namespace, Subsystem: "disk", Name: "connections",

@@ -602,8 +602,8 @@ func (m *Manager) Export(ctx context.Context, name string) (*nbd.Export, error) 
 		return nil, fmt.Errorf("%w: %q", nbd.ErrUnknownExport, name)
 	}
 	e.conns.Add(1)
-	// A Disk lets the server answer small requests from the connection's
-	// reader where its store never waits; the metrics wrapper keeps that.
+	// A Disk lets the server answer requests from the connection's reader
+	// where its store need not wait; the metrics wrapper keeps that.
 	var backend nbd.NoWaitBackend = e.disk
 	if mx := m.cfg.Metrics; mx != nil {
 		backend = mx.WrapBackend(name, e.disk).(nbd.NoWaitBackend)
