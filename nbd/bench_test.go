@@ -13,8 +13,7 @@ import (
 
 // BenchmarkRequest measures the request path: a pipelined Go client over a
 // Unix socket against a Null backend, 16 requests in flight; the "nowait"
-// cases against a NoWaitNull, whose small requests the reader serves
-// itself. Neither side allocates per request in steady state, so allocs/op
+// cases against a NoWaitNull, whose requests the reader serves itself. Neither side allocates per request in steady state, so allocs/op
 // should be 0.
 func BenchmarkRequest(b *testing.B) {
 	cases := []struct {
@@ -39,7 +38,9 @@ func BenchmarkRequest(b *testing.B) {
 		{"write-tls/1MiB", cmdWrite, 1 << 20, false, true, false, false},
 		{"read-nowait/4KiB", cmdRead, 4 << 10, false, false, false, true},
 		{"read-nowait-structured/4KiB", cmdRead, 4 << 10, true, false, false, true},
+		{"read-nowait/1MiB", cmdRead, 1 << 20, false, false, false, true},
 		{"write-nowait/4KiB", cmdWrite, 4 << 10, false, false, false, true},
+		{"write-nowait/1MiB", cmdWrite, 1 << 20, false, false, false, true},
 		{"read-nowait-tls/4KiB", cmdRead, 4 << 10, false, true, false, true},
 	}
 	pki := newPKI(b)
