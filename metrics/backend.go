@@ -226,10 +226,11 @@ func (b *noWaitBackend) TryWriteAt(ctx context.Context, p []byte, off int64) (bo
 
 // tried ends a Try call begun at start, counting the request if it served.
 func (b *noWaitBackend) tried(o op, start time.Time, n int64, done bool, err error) {
-	b.d.inFlight.Dec()
 	if done {
-		b.count(o, start, n, err)
+		b.end(o, start, n, err)
+		return
 	}
+	b.d.inFlight.Dec()
 }
 
 func (b *backend) Flush(ctx context.Context) error {

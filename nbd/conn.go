@@ -30,7 +30,7 @@ const (
 
 // conn is one client connection. The serve goroutine does the handshake
 // and then reads requests; workers call the Backend; the writer sends
-// replies. Where the backend can serve a small request without waiting
+// replies. Where the backend can serve a request without waiting
 // (NoWaitBackend), the reader does so itself and writes the reply too.
 // Fields below the handshake results are owned as commented.
 type conn struct {
